@@ -1,0 +1,47 @@
+"""rdagent_loop: the loop engine of automated R&D agents, on AnyIO (asyncio and trio)."""
+
+from ._budget import Timer as Timer
+from ._budget import parse_duration as parse_duration
+from ._errors import LoopError as LoopError
+from ._errors import LoopResumeError as LoopResumeError
+from ._errors import LoopTerminationError as LoopTerminationError
+from ._errors import SnapshotError as SnapshotError
+from ._errors import StepTimeoutError as StepTimeoutError
+from ._loop import LoopBase as LoopBase
+from ._loop import LoopMeta as LoopMeta
+from ._results import LoopTrace as LoopTrace
+from ._results import RunSummary as RunSummary
+from ._results import StepResult as StepResult
+from ._run import LoopRun as LoopRun
+from ._run import ResultStream as ResultStream
+from ._run import RunStatistics as RunStatistics
+from ._session import SnapshotInfo as SnapshotInfo
+from ._session import list_snapshots as list_snapshots
+from ._settings import LoopSettings as LoopSettings
+from ._steps import StepOptions as StepOptions
+from ._steps import step as step
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "LoopBase",
+    "LoopError",
+    "LoopMeta",
+    "LoopResumeError",
+    "LoopRun",
+    "LoopSettings",
+    "LoopTerminationError",
+    "LoopTrace",
+    "ResultStream",
+    "RunStatistics",
+    "RunSummary",
+    "SnapshotError",
+    "SnapshotInfo",
+    "StepOptions",
+    "StepResult",
+    "StepTimeoutError",
+    "Timer",
+    "list_snapshots",
+    "parse_duration",
+    "step",
+)

@@ -1,0 +1,186 @@
+"""Budgets of a run: strict duration parsing, the timer, and step_n accounting."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from datetime import timedelta
+from typing import Any
+
+import anyio
+
+_DURATION = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)(?P<unit>[smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object, *, name: str = "all_duration") -> timedelta:
+    """Parse ``"90s"``, ``"0.5h"``, ``"2h"``, ``"1d"``, ``"30"``, a number of seconds or a timedelta.
+
+    Anything else (``"1min"``, ``"2 hours"``, ``"-5s"``, ``""``) is a ValueError naming the value:
+    a budget that is silently ignored is worse than no budget.
+    """
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
+        raise ValueError(f"{name} must be a duration, got {value!r}")
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if not match or not value.strip():
+            raise ValueError(
+                f"{name} must look like '90s', '30m', '2h', '1d' or a number of seconds, "
+                f"got {value!r}"
+            )
+        seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"]]
+    else:
+        raise ValueError(f"{name} must be a str, a number or a timedelta, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be a finite, non-negative duration, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
+def check_count(value: object, name: str) -> int | None:
+    """Validate ``step_n``/``loop_n``: None or a non-negative int."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    return value
+
+
+def _loop_time() -> float | None:
+    """The event loop's clock (virtual clocks included), or None outside the event loop thread."""
+    try:
+        return anyio.current_time()
+    except Exception:
+        return None
+
+
+class Timer:
+    """The ``all_duration`` countdown, compatible with RD-Agent's ``RDAgentTimer``.
+
+    It keeps the remaining time, not a wall-clock target, so a pickled timer resumes with the
+    time that was left. While a run is active the deadline lives on the event loop's clock and
+    :meth:`add_duration` moves the run's cancel scope with it.
+    """
+
+    def __init__(self) -> None:
+        self.started = False
+        self.all_duration: timedelta | None = None
+        self.remain_time_duration: timedelta | None = None
+        self._deadline: float | None = None  # on the event loop's clock
+        self._deadline_mono = 0.0  # the same instant on time.monotonic(), for threads
+        self._on_change: list[Any] = []
+
+    def reset(self, all_duration: object) -> None:
+        self.all_duration = parse_duration(all_duration)
+        self.remain_time_duration = self.all_duration
+        self.started = True
+        self._deadline = None
+
+    def arm(self) -> float:
+        """Start counting down on the running event loop's clock; return the deadline."""
+        if not self.started:
+            return math.inf
+        seconds = (self.remain_time_duration or timedelta(0)).total_seconds()
+        now = _loop_time()
+        self._deadline = (time.monotonic() if now is None else now) + seconds
+        self._deadline_mono = time.monotonic() + seconds
+        return self._deadline
+
+    def disarm(self) -> None:
+        """Stop counting (the run ended); what is left is kept for the next run."""
+        if self._deadline is not None:
+            self.remain_time_duration = self._remaining()
+        self._deadline = None
+        self._on_change.clear()
+
+    def _remaining(self) -> timedelta:
+        if self._deadline is None:
+            return self.remain_time_duration or timedelta(0)
+        now = _loop_time()
+        left = self._deadline_mono - time.monotonic() if now is None else self._deadline - now
+        return timedelta(seconds=max(0.0, left))
+
+    def remain_time(self) -> timedelta | None:
+        if not self.started:
+            return None
+        self.remain_time_duration = self._remaining()
+        return self.remain_time_duration
+
+    def update_remain_time(self) -> None:
+        self.remain_time()
+
+    def is_timeout(self) -> bool:
+        remaining = self.remain_time()
+        return remaining is not None and remaining <= timedelta(0)
+
+    def restart_by_remain_time(self) -> None:
+        """RD-Agent compatibility: the countdown restarts from what is left at the next run."""
+        self._deadline = None
+
+    def add_duration(self, duration: timedelta) -> None:
+        """Give the run more (or, with a negative duration, less) time."""
+        if not self.started:
+            return
+        if self._deadline is not None:
+            self._deadline += duration.total_seconds()
+            self._deadline_mono += duration.total_seconds()
+            for callback in self._on_change:
+                callback(self._deadline)
+        else:
+            self.remain_time_duration = (self.remain_time_duration or timedelta(0)) + duration
+
+    def on_change(self, callback: Any) -> None:
+        self._on_change.append(callback)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.started:
+            state["remain_time_duration"] = self._remaining()
+        state["_deadline"] = None
+        state["_on_change"] = []
+        return state
+
+
+class StepBudget:
+    """``step_n`` accounting: a step reserves its unit before it starts.
+
+    So in parallel mode no step starts that the budget cannot pay for; a step that is
+    cancelled or fails gives its unit back.
+    """
+
+    def __init__(self, remaining: int | None) -> None:
+        self.remaining = remaining
+        self.reserved = 0
+        self._changed = anyio.Event()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.remaining is not None and self.remaining <= 0
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def reserve(self) -> None:
+        """Wait until one more step can be paid for, and reserve it."""
+        while self.remaining is not None and self.reserved >= self.remaining:
+            await self._changed.wait()
+        self.reserved += 1
+
+    def release(self) -> None:
+        """The reserved step did not complete."""
+        self.reserved -= 1
+        self._notify()
+
+    def spend(self) -> None:
+        """The reserved step completed."""
+        self.reserved -= 1
+        if self.remaining is not None:
+            self.remaining -= 1
+        self._notify()

@@ -1,0 +1,71 @@
+"""Immutable records of what a run did: StepResult, RunSummary, LoopTrace."""
+
+from __future__ import annotations
+
+import reprlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+StopReason = Literal["loop_n", "step_n", "all_duration", "terminated"]
+
+_short = reprlib.Repr()
+_short.maxstring = 40
+_short.maxother = 40
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One completed step, as streamed to the caller. Results of one loop arrive in step order."""
+
+    loop_idx: int
+    step_idx: int
+    step_name: str
+    output: Any
+    exception: BaseException | None
+    started_at: datetime
+    ended_at: datetime
+    attempts: int = 1
+    retried: tuple[BaseException, ...] = ()
+    """Errors of the attempts that failed before the one that counted (``retries`` policy)."""
+
+    @property
+    def duration(self) -> timedelta:
+        return self.ended_at - self.started_at
+
+    @property
+    def ok(self) -> bool:
+        return self.exception is None
+
+    def __str__(self) -> str:
+        seconds = self.duration.total_seconds()
+        head = f"loop {self.loop_idx} step {self.step_idx} {self.step_name}"
+        if self.exception is not None:
+            what = f"skipped after {type(self.exception).__name__}: {self.exception}"
+        else:
+            what = f"-> {_short.repr(self.output)}"
+        tries = f" ({self.attempts} attempts)" if self.attempts > 1 else ""
+        return f"{head} in {seconds:.3f}s{tries} {what}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """What one ``run()`` did: steps and loops completed in this run, and why it stopped."""
+
+    steps: int
+    loops: int
+    reason: StopReason
+
+    def __str__(self) -> str:
+        return f"{self.steps} steps, {self.loops} loops completed; stopped by {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class LoopTrace:
+    """Timing of one finished step of a loop (kept in ``loop.loop_trace[loop_idx]``)."""
+
+    start: datetime
+    end: datetime
+    step_idx: int
+    step_name: str = ""
+    exception: str | None = None

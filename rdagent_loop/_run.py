@@ -1,0 +1,795 @@
+"""The run handle (await / async with / async for) and the engine behind it.
+
+One ``RunState`` per ``run()``. It opens one task group per *generation*: a kickoff task
+that admits loops and runs their first step, and ``max_parallel`` executor tasks that run
+the remaining steps of admitted loops in order. Task bodies never let an exception escape
+into a task group (that would wrap it in an ExceptionGroup): they record the outcome and
+cancel the generation, and the engine raises the error as itself afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import pickle
+import weakref
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Coroutine, Generator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._backend import spawn_detached
+from ._compat import BaseExceptionGroup
+from ._budget import StepBudget
+from ._errors import LoopResumeError, LoopTerminationError, SnapshotError, StepTimeoutError
+from ._executors import StepRunner
+from ._progress import make_progress
+from ._results import LoopTrace, RunSummary, StepResult, StopReason
+from ._steps import step_options
+
+if TYPE_CHECKING:
+    from ._loop import LoopBase
+
+log = logging.getLogger("rdagent_loop")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatistics:
+    """A picture of a run in progress."""
+
+    steps_completed: int
+    loops_completed: int
+    loops_in_flight: int
+    steps_running: dict[str, int]
+    peak_steps_running: dict[str, int]
+    results_pending: int
+
+
+@dataclass
+class _Outcome:
+    """How the engine ended, shared between the driver task and the consumer."""
+
+    summary: RunSummary | None = None
+    error: BaseException | None = None
+    delivered: bool = False
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class RunState:
+    """The engine of one ``run()``: budgets, limiters, generations, and the result pipeline."""
+
+    def __init__(
+        self,
+        loop: LoopBase,
+        *,
+        step_n: int | None,
+        loop_n: int | None,
+        all_duration: timedelta | None,
+    ) -> None:
+        self.loop = loop
+        self.settings = loop.settings
+        self._step_n_arg = step_n
+        self._loop_n_arg = loop_n
+        self._all_duration = all_duration
+        self.max_parallel = self.settings.max_parallel
+        self.limiters: dict[str, anyio.Semaphore] = {}
+        for name in loop.steps:
+            limit = step_options(getattr(type(loop), name)).limit
+            self.limiters[name] = anyio.Semaphore(limit or self.settings.step_limit(name))
+        self.budget = StepBudget(None)
+        self.steps_completed = 0
+        self.loops_completed = 0
+        self.running: Counter[str] = Counter()
+        self.peak_running: Counter[str] = Counter()
+        self.in_flight = 0
+        self.unfinished: set[int] = set()
+        self.stop_reason: StopReason | None = None
+        self.closing = False  # past the deadline, inside the grace period
+        self.last_snapshot: str | None = None
+        self._initial_state: bytes | None = None
+        self._errors: list[BaseException] = []
+        self._withdraw: tuple[int, BaseException] | None = None
+        self._restart = False
+        self._loop_finished = anyio.Event()
+        self._pending: deque[StepResult] = deque()
+        self._pending_changed = anyio.Event()
+        self._room = anyio.Event()
+        self._finished = False
+        self._gen_scope = anyio.CancelScope()
+        self._run_scope = anyio.CancelScope()
+        self._grace_scope: anyio.CancelScope | None = None
+        self.runner = StepRunner(loop)
+        self.progress = make_progress(loop, step_n=step_n, loop_n=loop_n)
+
+    # -- public helpers -------------------------------------------------------------------
+
+    def statistics(self) -> RunStatistics:
+        return RunStatistics(
+            steps_completed=self.steps_completed,
+            loops_completed=self.loops_completed,
+            loops_in_flight=len(self.unfinished),
+            steps_running=dict(self.running),
+            peak_steps_running=dict(self.peak_running),
+            results_pending=len(self._pending),
+        )
+
+    async def wait_loop_finished(self) -> None:
+        """Wait until some loop finishes (or the run starts closing)."""
+        await self._loop_finished.wait()
+
+    def _notify_loop_finished(self) -> None:
+        self._loop_finished.set()
+        self._loop_finished = anyio.Event()
+
+    # -- the run --------------------------------------------------------------------------
+
+    async def main(self, send: MemoryObjectSendStream[StepResult]) -> RunSummary:
+        loop = self.loop
+        if loop._run_state is not None:
+            raise RuntimeError(f"{type(loop).__name__} is already running; one run() at a time")
+        loop._run_state = self
+        error: BaseException | None = None
+        try:
+            self._apply_budgets()
+            async with self.runner, anyio.create_task_group() as outer:
+                outer.start_soon(self._forward, send)
+                try:
+                    await self._run_generations()
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:
+                    error = exc
+                    outer.cancel_scope.cancel("the run failed")
+                finally:
+                    self._finished = True
+                    self._pending_changed.set()
+        finally:
+            loop.timer.disarm()
+            loop._run_state = None
+            self.progress.close()
+        if error is not None:
+            raise error
+        assert self.stop_reason is not None
+        summary = RunSummary(self.steps_completed, self.loops_completed, self.stop_reason)
+        log.info("run ended: %s", summary)
+        return summary
+
+    def _apply_budgets(self) -> None:
+        loop = self.loop
+        n = len(loop.steps)
+        started = [li for li in range(loop.loop_idx) if loop.step_idx.get(li, 0) < n]
+        if self._step_n_arg is not None:
+            loop.step_n = self._step_n_arg
+        if self._loop_n_arg is not None:
+            # unfinished loops of a resumed session count first
+            loop.loop_n = max(0, self._loop_n_arg - len(started))
+        if self._all_duration is not None and not loop.timer.started:
+            loop.timer.reset(self._all_duration)
+        self.budget = StepBudget(loop.step_n)
+        if loop.withdraw_loop_error:
+            self._initial_state = pickle.dumps(loop, protocol=pickle.HIGHEST_PROTOCOL)
+
+    async def _run_generations(self) -> None:
+        loop = self.loop
+        grace = self.settings.grace_period
+        deadline = loop.timer.arm()
+        with anyio.CancelScope(deadline=deadline + grace) as run_scope:
+            self._run_scope = run_scope
+            loop.timer.on_change(self._move_deadline)
+            if deadline <= anyio.current_time():
+                self.stop_reason = "all_duration"
+                return
+            while await self._generation(deadline):
+                pass
+        if self.stop_reason is None and run_scope.cancelled_caught:
+            self.stop_reason = "all_duration"
+        if self.stop_reason == "all_duration":
+            log.warning("all_duration is over: the run stops")
+
+    def _move_deadline(self, deadline: float) -> None:
+        self._run_scope.deadline = deadline + self.settings.grace_period
+        if self._grace_scope is not None:
+            self._grace_scope.deadline = deadline
+
+    async def _generation(self, deadline: float) -> bool:
+        """Run one generation; return True if another one must start (withdraw, resume)."""
+        loop = self.loop
+        if self.budget.exhausted:
+            self.stop_reason = "step_n"
+            return False
+        n = len(loop.steps)
+        self.unfinished = {li for li in range(loop.loop_idx) if loop.step_idx.get(li, 0) < n}
+        self._withdraw = None
+        self._restart = False
+        exec_send, exec_recv = anyio.create_memory_object_stream[int](math.inf)
+        async with anyio.create_task_group() as tg:
+            self._gen_scope = tg.cancel_scope
+            with exec_recv:
+                for _ in range(self.max_parallel):
+                    tg.start_soon(self._executor, exec_recv.clone())
+            tg.start_soon(self._kickoff, exec_send)
+            if self.settings.grace_period > 0 and math.isfinite(deadline):
+                tg.start_soon(self._grace_watch, deadline)
+        self._grace_scope = None
+        if self._errors:
+            errors, self._errors = self._errors, []
+            if len(errors) == 1:
+                raise errors[0]
+            raise BaseExceptionGroup("several steps failed independently", errors)
+        if self.stop_reason is not None:
+            return False
+        if self._withdraw is not None:
+            self._restore(*self._withdraw)
+            return True
+        if self._restart:
+            log.warning("LoopResumeError: every in-flight step stopped; starting again")
+            return True
+        self.stop_reason = "loop_n"
+        return False
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    async def _kickoff(self, exec_send: MemoryObjectSendStream[int]) -> None:
+        loop = self.loop
+        n = len(loop.steps)
+        try:
+            with exec_send:
+                for li in sorted(self.unfinished):
+                    self.progress.loop_admitted(li)
+                    exec_send.send_nowait(li)
+                while loop.loop_n is None or loop.loop_n > 0:
+                    while len(self.unfinished) >= self.max_parallel or self.closing:
+                        await self.wait_loop_finished()
+                    li = loop.loop_idx
+                    self.unfinished.add(li)
+                    loop.withdraw_base[li] = self.last_snapshot
+                    loop.loop_prev_out[li][loop.LOOP_IDX_KEY] = li
+                    self.progress.loop_admitted(li)
+                    if not await self._run_step(li):
+                        return
+                    if loop.step_idx.get(li, 0) < n:
+                        exec_send.send_nowait(li)
+        except Exception as exc:  # a bug of ours: report it like a step error
+            self._fail(exc)
+
+    async def _executor(self, exec_recv: MemoryObjectReceiveStream[int]) -> None:
+        loop = self.loop
+        n = len(loop.steps)
+        try:
+            with exec_recv:
+                async for li in exec_recv:
+                    while loop.step_idx.get(li, 0) < n:
+                        if not await self._run_step(li):
+                            return
+        except Exception as exc:
+            self._fail(exc)
+
+    async def _grace_watch(self, deadline: float) -> None:
+        """At the deadline start no new step; cancel once in-flight steps are done."""
+        with anyio.CancelScope(deadline=deadline) as scope:
+            self._grace_scope = scope
+            await anyio.sleep_forever()
+        self.closing = True
+        self.stop_reason = self.stop_reason or "all_duration"
+        log.warning("all_duration is over: in-flight steps may finish within the grace period")
+        self._notify_loop_finished()
+        if self.in_flight == 0:
+            self._run_scope.cancel("all_duration is over")
+
+    # -- one step -------------------------------------------------------------------------
+
+    async def _run_step(self, li: int) -> bool:
+        """Run the next step of loop ``li``; return False when the generation must end."""
+        loop = self.loop
+        si = loop.step_idx.get(li, 0)
+        name = loop.steps[si]
+        async with self.limiters[name]:
+            await self.budget.reserve()
+            if self.closing:
+                self.budget.release()
+                await anyio.sleep_forever()
+            self.running[name] += 1
+            self.peak_running[name] = max(self.peak_running[name], self.running[name])
+            self.in_flight += 1
+            self.progress.step_started(li, si, name)
+            log.debug(
+                "loop %d step %d %s starts", li, si, name, extra={"loop_idx": li, "step_name": name}
+            )
+            started = _utcnow()
+            try:
+                output, attempts, retried = await self._call(li, si, name)
+            except BaseException as exc:
+                self.budget.release()
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    raise
+                if isinstance(exc, Exception) and isinstance(exc, loop.skip_loop_error):
+                    log.warning(
+                        "loop %d step %s: %r, skipping ahead",
+                        li,
+                        name,
+                        exc,
+                        extra={"loop_idx": li, "step_name": name},
+                    )
+                    if not self._complete(li, si, name, None, exc, started, 1, ()):
+                        return False
+                else:
+                    return self._step_failed(li, si, name, exc)
+            else:
+                if not self._complete(li, si, name, output, None, started, attempts, retried):
+                    return False
+            finally:
+                self.running[name] -= 1
+                self.in_flight -= 1
+                if self.closing and self.in_flight == 0:
+                    self._run_scope.cancel("all_duration is over")
+        return await self._after_step(li, si, name)
+
+    async def _call(
+        self, li: int, si: int, name: str
+    ) -> tuple[Any, int, tuple[BaseException, ...]]:
+        """Call the step with its timeout and retry policies; return output, attempts, errors."""
+        options = step_options(getattr(type(self.loop), name))
+        timeout = options.timeout if options.timeout is not None else None
+        if timeout is None:
+            timeout = self.settings.timeout_for(name)
+        retries = options.retries if options.retries is not None else None
+        if retries is None:
+            retries = self.settings.retries_for(name)
+        retried: list[BaseException] = []
+        prev_out = self.loop.loop_prev_out[li]
+        while True:
+            try:
+                if timeout is None:
+                    output = await self.runner.call(li, si, name, prev_out)
+                else:
+                    with anyio.move_on_after(timeout) as scope:
+                        output = await self.runner.call(li, si, name, prev_out)
+                    if scope.cancelled_caught:
+                        raise StepTimeoutError(name, timeout)
+                return output, len(retried) + 1, tuple(retried)
+            except Exception as exc:
+                control = (LoopTerminationError, LoopResumeError, *self.loop.withdraw_loop_error)
+                if (
+                    len(retried) >= retries
+                    or not isinstance(exc, options.retry_on)
+                    or isinstance(exc, control)
+                ):
+                    raise
+                retried.append(exc)
+                delay = options.backoff * options.backoff_factor ** (len(retried) - 1)
+                log.warning(
+                    "loop %d step %s failed (%r); attempt %d of %d in %.3gs",
+                    li,
+                    name,
+                    exc,
+                    len(retried) + 1,
+                    retries + 1,
+                    delay,
+                    extra={"loop_idx": li, "step_name": name},
+                )
+                await anyio.sleep(delay)
+
+    def _complete(
+        self,
+        li: int,
+        si: int,
+        name: str,
+        output: Any,
+        exc: BaseException | None,
+        started: datetime,
+        attempts: int,
+        retried: tuple[BaseException, ...],
+    ) -> bool:
+        """Record a finished step, all at once (no await), then save and publish it."""
+        loop = self.loop
+        n = len(loop.steps)
+        ended = _utcnow()
+        loop.loop_prev_out[li][name] = output
+        if exc is not None:
+            loop.loop_prev_out[li][loop.EXCEPTION_KEY] = exc
+            target = loop.skip_target
+            next_si = target if si < target else n
+        else:
+            next_si = si + 1
+        loop.step_idx[li] = next_si
+        loop.loop_trace[li].append(
+            LoopTrace(started, ended, si, name, None if exc is None else repr(exc))
+        )
+        if si == 0 and li == loop.loop_idx:
+            loop.loop_idx += 1
+            if loop.loop_n is not None:
+                loop.loop_n = max(0, loop.loop_n - 1)
+        self.budget.spend()
+        loop.step_n = self.budget.remaining
+        self.steps_completed += 1
+        if next_si >= n:
+            self.unfinished.discard(li)
+            self.loops_completed += 1
+            self._notify_loop_finished()
+            self.progress.loop_finished(li)
+        if self.settings.save_snapshots:
+            path = loop.session_folder / str(li) / f"{si}_{name}"
+            try:
+                loop.dump(path)
+            except Exception as error:
+                error.add_note(f"while saving the snapshot {path} after loop {li} step {name!r}")
+                self._fail(error)
+                return False
+            self.last_snapshot = f"{li}/{si}_{name}"
+        result = StepResult(li, si, name, output, exc, started, ended, attempts, retried)
+        self._pending.append(result)
+        self._pending_changed.set()
+        self.progress.step_finished(result)
+        log.info("%s", result, extra={"loop_idx": li, "step_name": name})
+        return True
+
+    async def _after_step(self, li: int, si: int, name: str) -> bool:
+        try:
+            self.loop._check_exit_conditions_on_step(li, si)
+        except LoopTerminationError as exc:
+            log.warning("loop %d step %s: %s; the run stops", li, name, exc)
+            self._stop("terminated")
+            return False
+        except Exception as exc:
+            exc.add_note(f"raised by _check_exit_conditions_on_step after loop {li} step {name!r}")
+            self._fail(exc)
+            return False
+        if self.budget.exhausted:
+            self._stop("step_n")
+            return False
+        # backpressure: a slow consumer slows the engine down instead of growing memory
+        while len(self._pending) > self.settings.result_buffer:
+            await self._room.wait()
+        return True
+
+    def _step_failed(self, li: int, si: int, name: str, exc: BaseException) -> bool:
+        loop = self.loop
+        if isinstance(exc, LoopTerminationError):
+            log.warning("loop %d step %s: %s; the run stops", li, name, exc)
+            self._stop("terminated")
+        elif isinstance(exc, LoopResumeError):
+            self._restart = True
+            self._gen_scope.cancel("LoopResumeError")
+        elif isinstance(exc, Exception) and isinstance(exc, loop.withdraw_loop_error):
+            log.warning(
+                "loop %d step %s: %r; withdrawing",
+                li,
+                name,
+                exc,
+                extra={"loop_idx": li, "step_name": name},
+            )
+            if self._withdraw is None:
+                self._withdraw = (li, exc)
+            self._gen_scope.cancel("withdraw")
+        else:
+            exc.add_note(f"raised by loop {li}, step {si} ({name!r})")
+            self._fail(exc)
+        return False
+
+    def _fail(self, exc: BaseException) -> None:
+        self._errors.append(exc)
+        self._gen_scope.cancel("a step failed")
+
+    def _stop(self, reason: StopReason) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._gen_scope.cancel(f"stopped by {reason}")
+
+    # -- withdraw -------------------------------------------------------------------------
+
+    def _restore(self, li: int, exc: BaseException) -> None:
+        """Roll every loop back to the newest snapshot written before loop ``li`` started."""
+        loop = self.loop
+        base = loop.withdraw_base.get(li)
+        restored: LoopBase | None = None
+        if base is not None and self.settings.save_snapshots:
+            path = loop.session_folder / base
+            kwargs: dict[str, Any] = {"checkout": False, "replace_timer": False}
+            params = inspect.signature(type(loop).load).parameters
+            if "settings" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                kwargs["settings"] = loop.settings
+            try:
+                restored = type(loop).load(path, **kwargs)
+            except (OSError, SnapshotError) as error:
+                log.warning("cannot restore %s (%s); restoring the run's start instead", path, error)
+        if restored is None:
+            assert self._initial_state is not None
+            restored = pickle.loads(self._initial_state)
+            base = None
+        kept = {
+            "timer": loop.timer,
+            "settings": loop.settings,
+            "session_folder": loop.session_folder,
+            "step_n": loop.step_n,
+            "_run_state": self,
+        }
+        state = dict(restored.__dict__)
+        state.update(kept)
+        loop.__dict__.clear()
+        loop.__dict__.update(state)
+        if base is not None:
+            # make the restored state the newest snapshot, so a crash now resumes from it
+            loop.dump(loop.session_folder / base)
+        self.last_snapshot = base
+        log.warning(
+            "withdrew loop %d after %r: restored %s; starting a new generation",
+            li,
+            exc,
+            base or "the state at the start of the run",
+        )
+
+    # -- results --------------------------------------------------------------------------
+
+    async def _forward(self, send: MemoryObjectSendStream[StepResult]) -> None:
+        """Hand completed results to the consumer, in completion order.
+
+        It lives outside the run's cancel scopes, so a result that was recorded is never
+        lost to a deadline or a budget stop.
+        """
+        while True:
+            while not self._pending:
+                if self._finished:
+                    return
+                self._pending_changed = anyio.Event()
+                await self._pending_changed.wait()
+            try:
+                await send.send(self._pending[0])
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # nobody listens any more; keep draining so steps are not held up
+            self._pending.popleft()
+            self._room.set()
+            self._room = anyio.Event()
+
+
+class ResultStream(AsyncIterator[StepResult]):
+    """The receive side of a run: async-iterate it for ``StepResult``s.
+
+    Engine errors are raised from ``__anext__`` as themselves once the results before them
+    have been received. ``summary`` is set once the stream is exhausted.
+    """
+
+    def __init__(self, receive: MemoryObjectReceiveStream[StepResult], outcome: _Outcome) -> None:
+        self._receive = receive
+        self._outcome = outcome
+
+    def __aiter__(self) -> ResultStream:
+        return self
+
+    async def __anext__(self) -> StepResult:
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            pass
+        outcome = self._outcome
+        if outcome.error is not None and not outcome.delivered:
+            outcome.delivered = True
+            raise outcome.error
+        raise StopAsyncIteration
+
+    @property
+    def summary(self) -> RunSummary | None:
+        return self._outcome.summary
+
+    def close(self) -> None:
+        self._receive.close()
+
+
+class LoopRun(Coroutine[Any, Any, RunSummary]):
+    """What ``loop.run(...)`` returns; consume it once, in one of three ways.
+
+    * ``await loop.run(...)`` (also ``asyncio.run(loop.run(...))``, ``trio.run(loop.run)``)
+      returns a :class:`RunSummary`;
+    * ``async with loop.run(...) as results: async for r in results`` — the structured form,
+      preferred: the engine's task group lives inside the block;
+    * ``async for r in loop.run(...)`` — the engine runs beside the caller and stops as soon
+      as the iterator is left or dropped.
+    """
+
+    def __init__(
+        self,
+        loop: LoopBase,
+        *,
+        step_n: int | None,
+        loop_n: int | None,
+        all_duration: timedelta | None,
+    ) -> None:
+        self._loop = loop
+        self._args = {"step_n": step_n, "loop_n": loop_n, "all_duration": all_duration}
+        self._state: RunState | None = None
+        self._consumed: str | None = None
+        self._coro: Coroutine[Any, Any, RunSummary] | None = None
+        self._tg: TaskGroup | None = None
+        self._outcome = _Outcome()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._args.items() if v is not None)
+        return f"<LoopRun of {type(self._loop).__name__}({args})>"
+
+    def _claim(self, form: str) -> RunState:
+        if self._consumed is not None:
+            raise RuntimeError(
+                f"this run was already consumed with {self._consumed}; call loop.run() again"
+            )
+        self._consumed = form
+        self._state = RunState(self._loop, **self._args)  # type: ignore[arg-type]
+        return self._state
+
+    def statistics(self) -> RunStatistics:
+        if self._state is None:
+            raise RuntimeError("the run has not started")
+        return self._state.statistics()
+
+    # -- await ----------------------------------------------------------------------------
+
+    def _coroutine(self) -> Coroutine[Any, Any, RunSummary]:
+        if self._coro is None:
+            self._coro = self._await_summary()
+        return self._coro
+
+    async def _await_summary(self) -> RunSummary:
+        async with self as results:
+            async for _ in results:
+                pass
+        assert self._outcome.summary is not None
+        return self._outcome.summary
+
+    def __await__(self) -> Generator[Any, None, RunSummary]:
+        return self._coroutine().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coroutine().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:  # noqa: D102
+        if val is None and tb is None:
+            return self._coroutine().throw(typ)
+        return self._coroutine().throw(typ, val, tb)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
+
+    # -- async with -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> ResultStream:
+        state = self._claim("async with")
+        send, receive = anyio.create_memory_object_stream[StepResult](
+            self._loop.settings.result_buffer
+        )
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        tg.start_soon(_drive, state, send, self._outcome)
+        return ResultStream(receive, self._outcome)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        tg = self._tg
+        assert tg is not None
+        self._tg = None
+        if exc is not None or not self._outcome.done.is_set():
+            tg.cancel_scope.cancel("the consumer left the run")
+            # the engine is cancelled already: waiting for it must not be cut short
+            tg.cancel_scope.shield = True
+        # close the task group without handing it the body's exception (trio would wrap it
+        # in an ExceptionGroup); the body's exception then propagates as itself
+        await tg.__aexit__(None, None, None)
+        outcome = self._outcome
+        if exc is None and outcome.error is not None and not outcome.delivered:
+            outcome.delivered = True
+            raise outcome.error
+        return False
+
+    # -- async for ------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[StepResult]:
+        return _DetachedIterator(self._claim("async for"), self._outcome)
+
+
+async def _drive(
+    state: RunState, send: MemoryObjectSendStream[StepResult], outcome: _Outcome
+) -> None:
+    """Run the engine, store how it ended, then close the result stream."""
+    try:
+        with send:
+            try:
+                outcome.summary = await state.main(send)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                outcome.error = exc
+    finally:
+        outcome.done.set()
+
+
+class _DetachedIterator(AsyncIterator[StepResult]):
+    """The bare ``async for`` form, PEP 789-safe.
+
+    The engine runs in a detached task, outside every cancel scope of the consumer, so its
+    cancellation can never land in the consumer's code between items. The iterator owns the
+    engine's lifetime: leaving it (``break``, an exception, being cancelled, being dropped)
+    cancels the engine at once.
+    """
+
+    def __init__(self, state: RunState, outcome: _Outcome) -> None:
+        self._state = state
+        self._outcome = outcome
+        send, receive = anyio.create_memory_object_stream[StepResult](
+            state.settings.result_buffer
+        )
+        self._unsent = [send]  # the send side, until the engine starts and owns it
+        self._started = False
+        self._results = ResultStream(receive, outcome)
+        self._scope = anyio.CancelScope()
+        weakref.finalize(self, _stop_detached, self._scope, receive, self._unsent)
+
+    def __aiter__(self) -> _DetachedIterator:
+        return self
+
+    async def __anext__(self) -> StepResult:
+        if not self._started:
+            self._started = True
+            send = self._unsent.pop()
+            spawn_detached(_detached_main(self._state, send, self._outcome, self._scope))
+        try:
+            return await self._results.__anext__()
+        except BaseException:
+            self._scope.cancel()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the engine and wait until it has stopped."""
+        self._scope.cancel()
+        self._results.close()
+        for send in self._unsent:
+            send.close()
+        if self._started:
+            with anyio.CancelScope(shield=True):
+                await self._outcome.done.wait()
+
+
+def _stop_detached(
+    scope: anyio.CancelScope,
+    receive: MemoryObjectReceiveStream[Any],
+    unsent: list[MemoryObjectSendStream[Any]],
+) -> None:
+    receive.close()
+    for send in unsent:
+        send.close()
+    try:
+        scope.cancel()
+    except RuntimeError:  # the event loop is already gone
+        pass
+
+
+def _detached_main(
+    state: RunState,
+    send: MemoryObjectSendStream[StepResult],
+    outcome: _Outcome,
+    scope: anyio.CancelScope,
+) -> Any:
+    async def main() -> None:
+        try:
+            with scope:
+                await _drive(state, send, outcome)
+        except BaseException as exc:  # a detached task must not raise
+            if outcome.error is None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                outcome.error = exc
+        finally:
+            outcome.done.set()
+
+    return main

@@ -1,0 +1,46 @@
+"""Shared fixtures: every async test runs on asyncio and trio through AnyIO's pytest plugin.
+
+Tests of timing logic use ``virtual_clock_backend`` instead: trio's ``MockClock`` with
+``autojump_threshold=0``, or a looptime event loop for asyncio; both jump to the next deadline
+as soon as every task is blocked, so the assertions on time are exact and need no real waiting.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import looptime
+import pytest
+import trio.testing
+
+from rdagent_loop import LoopSettings
+
+BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("trio", {}), id="trio"),
+]
+
+
+def virtual_clock_params() -> list[object]:
+    return [
+        pytest.param(
+            ("asyncio", {"loop_factory": functools.partial(looptime.new_event_loop, start=0)}),
+            id="asyncio-looptime",
+        ),
+        pytest.param(
+            ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}),
+            id="trio-mockclock",
+        ),
+    ]
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    return request.param
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> LoopSettings:
+    """Settings writing the session under the test's own folder, without a progress display."""
+    return LoopSettings(trace_path=tmp_path / "trace", progress=False, durability="flush")
