@@ -221,6 +221,7 @@ class RunState:
             tg.start_soon(self._kickoff, exec_send)
             if self.settings.grace_period > 0 and math.isfinite(deadline):
                 tg.start_soon(self._grace_watch, deadline)
+        exec_send.close()  # in case the kickoff was cancelled before it started
         self._grace_scope = None
         if self._errors:
             errors, self._errors = self._errors, []
@@ -610,6 +611,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         self._consumed: str | None = None
         self._coro: Coroutine[Any, Any, RunSummary] | None = None
         self._tg: TaskGroup | None = None
+        self._results: ResultStream | None = None
         self._outcome = _Outcome()
 
     def __repr__(self) -> str:
@@ -670,7 +672,8 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         await tg.__aenter__()
         self._tg = tg
         tg.start_soon(_drive, state, send, self._outcome)
-        return ResultStream(receive, self._outcome)
+        self._results = ResultStream(receive, self._outcome)
+        return self._results
 
     async def __aexit__(
         self,
@@ -688,6 +691,8 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         # close the task group without handing it the body's exception (trio would wrap it
         # in an ExceptionGroup); the body's exception then propagates as itself
         await tg.__aexit__(None, None, None)
+        if self._results is not None:
+            self._results.close()
         outcome = self._outcome
         if exc is None and outcome.error is not None and not outcome.delivered:
             outcome.delivered = True
