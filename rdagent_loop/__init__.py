@@ -5,8 +5,10 @@ from ._budget import parse_duration as parse_duration
 from ._errors import LoopError as LoopError
 from ._errors import LoopResumeError as LoopResumeError
 from ._errors import LoopTerminationError as LoopTerminationError
+from ._errors import RemoteStepError as RemoteStepError
 from ._errors import SnapshotError as SnapshotError
 from ._errors import StepTimeoutError as StepTimeoutError
+from ._errors import WorkerCrashedError as WorkerCrashedError
 from ._loop import LoopBase as LoopBase
 from ._loop import LoopMeta as LoopMeta
 from ._results import LoopTrace as LoopTrace
@@ -32,6 +34,7 @@ __all__ = (
     "LoopSettings",
     "LoopTerminationError",
     "LoopTrace",
+    "RemoteStepError",
     "ResultStream",
     "RunStatistics",
     "RunSummary",
@@ -41,6 +44,7 @@ __all__ = (
     "StepResult",
     "StepTimeoutError",
     "Timer",
+    "WorkerCrashedError",
     "list_snapshots",
     "parse_duration",
     "step",

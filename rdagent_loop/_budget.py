@@ -15,7 +15,7 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(value: object, *, name: str = "all_duration") -> timedelta:
-    """Parse ``"90s"``, ``"0.5h"``, ``"2h"``, ``"1d"``, ``"30"``, a number of seconds or a timedelta.
+    """Parse ``"90s"``, ``"0.5h"``, ``"2h"``, ``"1d"``, ``"30"``, a number or a timedelta.
 
     Anything else (``"1min"``, ``"2 hours"``, ``"-5s"``, ``""``) is a ValueError naming the value:
     a budget that is silently ignored is worse than no budget.

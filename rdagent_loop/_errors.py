@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal as signals
+
 
 class LoopError(Exception):
     """Base class of the errors the engine itself raises."""
@@ -29,3 +31,54 @@ class StepTimeoutError(LoopError, TimeoutError):
 
 class SnapshotError(LoopError):
     """A snapshot could not be written or read back."""
+
+
+class SnapshotWarning(RuntimeWarning):
+    """A broken snapshot was skipped; an older valid one of the session is used instead."""
+
+
+class WorkerCrashedError(LoopError):
+    """A step's worker process died under it (killed, segfault, out of memory).
+
+    Only that step fails; the pool starts a fresh worker for the next one. ``signal`` is the
+    signal number that killed the worker, or ``None`` when it exited with ``exitcode``.
+    """
+
+    def __init__(
+        self, step_name: str, loop_idx: int, pid: int, signal: int | None, exitcode: int | None
+    ) -> None:
+        if signal is not None:
+            try:
+                how = f"killed by {signals.Signals(signal).name}"
+            except ValueError:
+                how = f"killed by signal {signal}"
+        else:
+            how = f"exited with code {exitcode}"
+        super().__init__(
+            f"step {step_name!r} of loop {loop_idx} lost its worker process {pid}: {how}"
+        )
+        self.step_name = step_name
+        self.loop_idx = loop_idx
+        self.pid = pid
+        self.signal = signal
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.step_name, self.loop_idx, self.pid, self.signal, self.exitcode))
+
+
+class RemoteStepError(LoopError):
+    """A step failed in a worker with an exception that could not be sent back as itself.
+
+    Exceptions that pickle come back as themselves; this stands in for the others, with the
+    original type's name, message and traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.type_name, self.message, self.remote_traceback))

@@ -51,14 +51,13 @@ class TqdmProgress:
         self._steps = steps
         self._overall = tqdm(total=total, desc="run", unit="step", position=0, file=file)
         self._loops: dict[int, Any] = {}
+        self._positions: dict[int, int] = {}
         self._free_positions: list[int] = []
 
     def _bar(self, loop_idx: int) -> Any:
         bar = self._loops.get(loop_idx)
         if bar is None:
-            position = (
-                self._free_positions.pop(0) if self._free_positions else len(self._loops) + 1
-            )
+            position = self._free_positions.pop(0) if self._free_positions else len(self._loops) + 1
             bar = self._tqdm(
                 total=len(self._steps),
                 desc=f"loop {loop_idx}",
@@ -67,7 +66,7 @@ class TqdmProgress:
                 leave=False,
                 file=self._file,
             )
-            bar.position_ = position
+            self._positions[loop_idx] = position
             self._loops[loop_idx] = bar
         return bar
 
@@ -90,7 +89,7 @@ class TqdmProgress:
     def loop_finished(self, loop_idx: int) -> None:
         bar = self._loops.pop(loop_idx, None)
         if bar is not None:
-            self._free_positions.append(bar.position_)
+            self._free_positions.append(self._positions.pop(loop_idx))
             self._free_positions.sort()
             bar.close()
 

@@ -9,6 +9,7 @@ cancel the generation, and the engine raises the error as itself afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -26,8 +27,8 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._backend import spawn_detached
-from ._compat import BaseExceptionGroup
 from ._budget import StepBudget
+from ._compat import BaseExceptionGroup, add_note
 from ._errors import LoopResumeError, LoopTerminationError, SnapshotError, StepTimeoutError
 from ._executors import StepRunner
 from ._progress import make_progress
@@ -114,6 +115,18 @@ class RunState:
 
     # -- public helpers -------------------------------------------------------------------
 
+    def claim(self) -> None:
+        """Mark the loop object as running (one run at a time), at the moment of consumption."""
+        if self.loop._run_state is not None:
+            raise RuntimeError(
+                f"{type(self.loop).__name__} is already running; one run() at a time"
+            )
+        self.loop._run_state = self
+
+    def release(self) -> None:
+        if self.loop._run_state is self:
+            self.loop._run_state = None
+
     def statistics(self) -> RunStatistics:
         return RunStatistics(
             steps_completed=self.steps_completed,
@@ -136,9 +149,6 @@ class RunState:
 
     async def main(self, send: MemoryObjectSendStream[StepResult]) -> RunSummary:
         loop = self.loop
-        if loop._run_state is not None:
-            raise RuntimeError(f"{type(loop).__name__} is already running; one run() at a time")
-        loop._run_state = self
         error: BaseException | None = None
         try:
             self._apply_budgets()
@@ -156,7 +166,7 @@ class RunState:
                     self._pending_changed.set()
         finally:
             loop.timer.disarm()
-            loop._run_state = None
+            self.release()
             self.progress.close()
         if error is not None:
             raise error
@@ -171,6 +181,9 @@ class RunState:
         started = [li for li in range(loop.loop_idx) if loop.step_idx.get(li, 0) < n]
         if self._step_n_arg is not None:
             loop.step_n = self._step_n_arg
+        elif loop.step_n == 0:
+            # a step budget that was spent ended its run; an unspent one (a crash) carries on
+            loop.step_n = None
         if self._loop_n_arg is not None:
             # unfinished loops of a resumed session count first
             loop.loop_n = max(0, self._loop_n_arg - len(started))
@@ -192,10 +205,20 @@ class RunState:
                 return
             while await self._generation(deadline):
                 pass
+        # a step may have failed while the deadline was cancelling the generation
+        self._raise_errors()
         if self.stop_reason is None and run_scope.cancelled_caught:
             self.stop_reason = "all_duration"
         if self.stop_reason == "all_duration":
             log.warning("all_duration is over: the run stops")
+
+    def _raise_errors(self) -> None:
+        """Raise what steps raised: one error as itself, several as an ExceptionGroup."""
+        errors, self._errors = self._errors, []
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise BaseExceptionGroup("several steps failed independently", errors)
 
     def _move_deadline(self, deadline: float) -> None:
         self._run_scope.deadline = deadline + self.settings.grace_period
@@ -213,21 +236,21 @@ class RunState:
         self._withdraw = None
         self._restart = False
         exec_send, exec_recv = anyio.create_memory_object_stream[int](math.inf)
+        receivers = [exec_recv.clone() for _ in range(self.max_parallel)]
+        exec_recv.close()
         async with anyio.create_task_group() as tg:
             self._gen_scope = tg.cancel_scope
-            with exec_recv:
-                for _ in range(self.max_parallel):
-                    tg.start_soon(self._executor, exec_recv.clone())
+            for receiver in receivers:
+                tg.start_soon(self._executor, receiver)
             tg.start_soon(self._kickoff, exec_send)
             if self.settings.grace_period > 0 and math.isfinite(deadline):
                 tg.start_soon(self._grace_watch, deadline)
-        exec_send.close()  # in case the kickoff was cancelled before it started
+        # a task cancelled before it started never closed its stream
+        exec_send.close()
+        for receiver in receivers:
+            receiver.close()
         self._grace_scope = None
-        if self._errors:
-            errors, self._errors = self._errors, []
-            if len(errors) == 1:
-                raise errors[0]
-            raise BaseExceptionGroup("several steps failed independently", errors)
+        self._raise_errors()
         if self.stop_reason is not None:
             return False
         if self._withdraw is not None:
@@ -360,7 +383,11 @@ class RunState:
                         raise StepTimeoutError(name, timeout)
                 return output, len(retried) + 1, tuple(retried)
             except Exception as exc:
-                control = (LoopTerminationError, LoopResumeError, *self.loop.withdraw_loop_error)
+                control: tuple[type[BaseException], ...] = (
+                    LoopTerminationError,
+                    LoopResumeError,
+                    *self.loop.withdraw_loop_error,
+                )
                 if (
                     len(retried) >= retries
                     or not isinstance(exc, options.retry_on)
@@ -424,7 +451,7 @@ class RunState:
             try:
                 loop.dump(path)
             except Exception as error:
-                error.add_note(f"while saving the snapshot {path} after loop {li} step {name!r}")
+                add_note(error, f"while saving the snapshot {path} after loop {li} step {name!r}")
                 self._fail(error)
                 return False
             self.last_snapshot = f"{li}/{si}_{name}"
@@ -443,7 +470,7 @@ class RunState:
             self._stop("terminated")
             return False
         except Exception as exc:
-            exc.add_note(f"raised by _check_exit_conditions_on_step after loop {li} step {name!r}")
+            add_note(exc, f"raised by _check_exit_conditions_on_step after loop {li} step {name!r}")
             self._fail(exc)
             return False
         if self.budget.exhausted:
@@ -474,7 +501,7 @@ class RunState:
                 self._withdraw = (li, exc)
             self._gen_scope.cancel("withdraw")
         else:
-            exc.add_note(f"raised by loop {li}, step {si} ({name!r})")
+            add_note(exc, f"raised by loop {li}, step {si} ({name!r})")
             self._fail(exc)
         return False
 
@@ -503,7 +530,7 @@ class RunState:
             try:
                 restored = type(loop).load(path, **kwargs)
             except (OSError, SnapshotError) as error:
-                log.warning("cannot restore %s (%s); restoring the run's start instead", path, error)
+                log.warning("cannot restore %s (%s); restoring the run's start", path, error)
         if restored is None:
             assert self._initial_state is not None
             restored = pickle.loads(self._initial_state)
@@ -544,10 +571,9 @@ class RunState:
                     return
                 self._pending_changed = anyio.Event()
                 await self._pending_changed.wait()
-            try:
+            # when nobody listens any more, keep draining so steps are not held up
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await send.send(self._pending[0])
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # nobody listens any more; keep draining so steps are not held up
             self._pending.popleft()
             self._room.set()
             self._room = anyio.Event()
@@ -612,6 +638,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         self._coro: Coroutine[Any, Any, RunSummary] | None = None
         self._tg: TaskGroup | None = None
         self._results: ResultStream | None = None
+        self._send: MemoryObjectSendStream[StepResult] | None = None
         self._outcome = _Outcome()
 
     def __repr__(self) -> str:
@@ -623,9 +650,11 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
             raise RuntimeError(
                 f"this run was already consumed with {self._consumed}; call loop.run() again"
             )
+        state = RunState(self._loop, **self._args)  # type: ignore[arg-type]
+        state.claim()
         self._consumed = form
-        self._state = RunState(self._loop, **self._args)  # type: ignore[arg-type]
-        return self._state
+        self._state = state
+        return state
 
     def statistics(self) -> RunStatistics:
         if self._state is None:
@@ -652,7 +681,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
     def send(self, value: Any) -> Any:
         return self._coroutine().send(value)
 
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:  # noqa: D102
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         if val is None and tb is None:
             return self._coroutine().throw(typ)
         return self._coroutine().throw(typ, val, tb)
@@ -671,6 +700,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        self._send = send
         tg.start_soon(_drive, state, send, self._outcome)
         self._results = ResultStream(receive, self._outcome)
         return self._results
@@ -690,9 +720,16 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
             tg.cancel_scope.shield = True
         # close the task group without handing it the body's exception (trio would wrap it
         # in an ExceptionGroup); the body's exception then propagates as itself
-        await tg.__aexit__(None, None, None)
-        if self._results is not None:
-            self._results.close()
+        try:
+            await tg.__aexit__(None, None, None)
+        finally:
+            # also when the engine was cancelled before it started
+            if self._state is not None:
+                self._state.release()
+            if self._results is not None:
+                self._results.close()
+            if self._send is not None:
+                self._send.close()
         outcome = self._outcome
         if exc is None and outcome.error is not None and not outcome.delivered:
             outcome.delivered = True
@@ -733,14 +770,12 @@ class _DetachedIterator(AsyncIterator[StepResult]):
     def __init__(self, state: RunState, outcome: _Outcome) -> None:
         self._state = state
         self._outcome = outcome
-        send, receive = anyio.create_memory_object_stream[StepResult](
-            state.settings.result_buffer
-        )
+        send, receive = anyio.create_memory_object_stream[StepResult](state.settings.result_buffer)
         self._unsent = [send]  # the send side, until the engine starts and owns it
         self._started = False
         self._results = ResultStream(receive, outcome)
         self._scope = anyio.CancelScope()
-        weakref.finalize(self, _stop_detached, self._scope, receive, self._unsent)
+        weakref.finalize(self, _stop_detached, self._scope, receive, self._unsent, state)
 
     def __aiter__(self) -> _DetachedIterator:
         return self
@@ -762,7 +797,9 @@ class _DetachedIterator(AsyncIterator[StepResult]):
         self._results.close()
         for send in self._unsent:
             send.close()
-        if self._started:
+        if not self._started:
+            self._state.release()
+        else:
             with anyio.CancelScope(shield=True):
                 await self._outcome.done.wait()
 
@@ -771,14 +808,14 @@ def _stop_detached(
     scope: anyio.CancelScope,
     receive: MemoryObjectReceiveStream[Any],
     unsent: list[MemoryObjectSendStream[Any]],
+    state: RunState,
 ) -> None:
     receive.close()
     for send in unsent:
         send.close()
-    try:
+        state.release()  # never started
+    with contextlib.suppress(RuntimeError):  # the event loop is already gone
         scope.cancel()
-    except RuntimeError:  # the event loop is already gone
-        pass
 
 
 def _detached_main(
@@ -795,6 +832,7 @@ def _detached_main(
             if outcome.error is None and not isinstance(exc, anyio.get_cancelled_exc_class()):
                 outcome.error = exc
         finally:
+            state.release()
             outcome.done.set()
 
     return main

@@ -54,7 +54,7 @@ class LoopSettings(BaseSettings):
     """Write a snapshot after every completed step (turn off only for throw-away runs)."""
 
     durability: Literal["fsync", "flush"] = "fsync"
-    """``fsync`` survives a power cut; ``flush`` (rename without fsync) survives a killed process."""
+    """``fsync`` survives a power cut; ``flush`` (rename, no fsync) survives a killed process."""
 
     signing_key: SecretStr | None = None
     """With a key, snapshots carry an HMAC and unsigned or mis-signed files are refused."""

@@ -29,6 +29,7 @@ class StepOptions:
     num_cpus: float | None = None
     num_gpus: float | None = None
     memory: int | None = None
+    resources: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -44,11 +45,13 @@ def step(
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     memory: int | None = None,
+    resources: dict[str, float] | None = None,
 ) -> Callable[[F], F]:
     """Declare where and how a step runs; what it says wins over :class:`LoopSettings`.
 
     ``retries`` tries a failing step again after ``backoff * backoff_factor**k`` seconds, only
-    for exceptions in ``retry_on``; ``timeout`` raises :class:`StepTimeoutError`.
+    for exceptions in ``retry_on``; ``timeout`` raises :class:`StepTimeoutError`. ``num_cpus``,
+    ``num_gpus``, ``memory`` and custom ``resources`` are what a ``ray`` step asks Ray for.
     """
     if executor is not None and executor not in _EXECUTORS:
         raise ValueError(f"executor must be one of {_EXECUTORS}, got {executor!r}")
@@ -65,7 +68,7 @@ def step(
     retry_types = tuple(retry_on)
     for exc_type in retry_types:
         if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
-            raise ValueError(f"retry_on must hold exception types, got {exc_type!r}")
+            raise TypeError(f"retry_on must hold exception types, got {exc_type!r}")
     options = StepOptions(
         executor=executor,
         limit=limit,
@@ -77,11 +80,17 @@ def step(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         memory=memory,
+        resources=dict(resources or {}),
     )
 
     def mark(func: F) -> F:
         if not inspect.isfunction(func):
             raise TypeError(f"@step decorates a method, got {func!r}")
+        if inspect.iscoroutinefunction(func) and executor not in (None, "inline"):
+            raise TypeError(
+                f"@step(executor={executor!r}) on async def {func.__qualname__}: async steps "
+                "are awaited on the event loop; make the step sync to run it elsewhere"
+            )
         setattr(func, _OPTIONS_ATTR, options)
         return func
 

@@ -7,12 +7,9 @@ as soon as every task is blocked, so the assertions on time are exact and need n
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-import looptime
 import pytest
-import trio.testing
 
 from rdagent_loop import LoopSettings
 
@@ -20,19 +17,6 @@ BACKENDS = [
     pytest.param(("asyncio", {}), id="asyncio"),
     pytest.param(("trio", {}), id="trio"),
 ]
-
-
-def virtual_clock_params() -> list[object]:
-    return [
-        pytest.param(
-            ("asyncio", {"loop_factory": functools.partial(looptime.new_event_loop, start=0)}),
-            id="asyncio-looptime",
-        ),
-        pytest.param(
-            ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}),
-            id="trio-mockclock",
-        ),
-    ]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,0 +1,161 @@
+"""Step discovery (LoopMeta), class checks and per-loop state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from rdagent_loop import LoopBase, LoopSettings, step
+
+
+class Base(LoopBase):
+    def propose(self, prev_out: dict[str, Any]) -> None: ...
+
+    async def coding(self, prev_out: dict[str, Any]) -> None: ...
+
+    def record(self, prev_out: dict[str, Any]) -> None: ...
+
+
+class Child(Base):
+    helper_cls = dict  # a class attribute that is callable, not a step
+
+    class Nested:  # a nested class is not a step
+        pass
+
+    @staticmethod
+    def helper(x: int) -> int:
+        return x
+
+    @classmethod
+    def make(cls) -> None: ...
+
+    @property
+    def size(self) -> int:
+        return 1
+
+    def _private(self, prev_out: dict[str, Any]) -> None: ...
+
+    def coding(self, prev_out: dict[str, Any]) -> None:  # an override keeps its place
+        ...
+
+    def running(self, prev_out: dict[str, Any]) -> None: ...
+
+    def dump(self, path: Any) -> None:  # an override of the API is not a step
+        super().dump(path)
+
+    @step(limit=2)
+    def feedback(self, prev_out: dict[str, Any]) -> None: ...
+
+
+def test_steps_are_public_functions_in_definition_order_inherited_first() -> None:
+    assert Base.steps == ["propose", "coding", "record"]
+    assert Child.steps == ["propose", "coding", "record", "running", "feedback"]
+
+
+def test_class_attributes_nested_classes_and_static_helpers_are_not_steps() -> None:
+    for name in ("helper_cls", "Nested", "helper", "make", "size", "_private", "dump", "load"):
+        assert name not in Child.steps
+
+
+def test_loopbase_api_is_not_a_step() -> None:
+    class Plain(LoopBase):
+        def only(self, prev_out: dict[str, Any]) -> None: ...
+
+    assert Plain.steps == ["only"]
+    assert LoopBase.steps == []
+
+
+def test_an_unknown_skip_target_is_an_error_when_the_class_is_defined() -> None:
+    with pytest.raises(ValueError, match="'recrod'"):
+
+        class Typo(LoopBase):
+            skip_loop_error_stepname = "recrod"
+
+            def propose(self, prev_out: dict[str, Any]) -> None: ...
+
+            def record(self, prev_out: dict[str, Any]) -> None: ...
+
+
+def test_the_default_skip_target_is_feedback_else_the_last_step(tmp_path: Any) -> None:
+    settings = LoopSettings(trace_path=tmp_path)
+    assert Child(settings).skip_target == Child.steps.index("feedback")
+    assert Base(settings).skip_target == Base.steps.index("record")
+
+
+def test_state_rdagent_code_reads_is_there(tmp_path: Any) -> None:
+    loop = Base(LoopSettings(trace_path=tmp_path))
+    assert loop.loop_idx == 0
+    assert loop.step_idx[3] == 0
+    assert loop.loop_prev_out[0] == {}
+    assert loop.loop_trace[0] == []
+    assert loop.session_folder == tmp_path / "__session__"
+    assert loop.timer.remain_time() is None
+    assert loop.get_unfinished_loop_cnt(0) == 0
+    assert loop.LoopTerminationError is not None and loop.LoopResumeError is not None
+
+
+def test_subclasses_calling_super_init_with_no_argument_read_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("RDAGENT_LOOP_STEP_SEMAPHORE", '{"coding": 4}')
+    monkeypatch.setenv("RDAGENT_LOOP_TRACE_PATH", str(tmp_path))
+
+    class App(Base):
+        def __init__(self) -> None:
+            super().__init__()
+
+    loop = App()
+    assert loop.settings.step_semaphore == {"coding": 4}
+    assert loop.settings.max_parallel == 4
+    assert loop.session_folder == tmp_path / "__session__"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"step_semaphore": 0}, "step_semaphore"),
+        ({"step_semaphore": {"coding": -1}}, "step_semaphore"),
+        ({"step_executor": "gpu"}, "step_executor"),
+        ({"durability": "never"}, "durability"),
+        ({"grace_period": -1}, "grace_period"),
+        ({"step_timeout": 0}, "step_timeout"),
+        ({"result_buffer": -2}, "result_buffer"),
+    ],
+)
+def test_invalid_settings_name_the_field(kwargs: dict[str, Any], field: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        LoopSettings(**kwargs)
+
+
+def test_invalid_settings_from_the_environment_name_the_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("RDAGENT_LOOP_STEP_SEMAPHORE", "lots")
+    with pytest.raises(ValidationError, match="step_semaphore"):
+        LoopSettings()
+
+
+def test_step_limits_serialise_record_and_feedback_by_default() -> None:
+    settings = LoopSettings(step_semaphore=4)
+    assert settings.max_parallel == 4
+    assert settings.step_limit("coding") == 4
+    assert settings.step_limit("record") == settings.step_limit("feedback") == 1
+    per_step = LoopSettings(step_semaphore={"coding": 3, "feedback": 2})
+    assert per_step.max_parallel == 3
+    assert per_step.step_limit("feedback") == 2
+    assert per_step.step_limit("running") == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"step_n": -1}, {"loop_n": -3}, {"all_duration": "1min"}, {"loop_n": 1.5}]
+)
+def test_bad_budgets_are_refused_at_the_call(tmp_path: Any, kwargs: dict[str, Any]) -> None:
+    loop = Base(LoopSettings(trace_path=tmp_path))
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        loop.run(**kwargs)
+    assert not (tmp_path / "__session__").exists()

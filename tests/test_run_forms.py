@@ -1,0 +1,243 @@
+"""The four ways to consume a run, and how each behaves when things go wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import trio
+from looplib import Chain
+
+from rdagent_loop import LoopBase, LoopSettings, RunSummary, StepResult
+
+pytestmark = pytest.mark.anyio
+
+
+class Boom(Exception):
+    pass
+
+
+class Failing(LoopBase):
+    """Loop 1's s1 raises while loop 0's s1 is still running."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.cancelled: list[int] = []
+
+    async def s0(self, prev_out: dict[str, Any]) -> int:
+        return int(prev_out[self.LOOP_IDX_KEY])
+
+    async def s1(self, prev_out: dict[str, Any]) -> None:
+        li = prev_out[self.LOOP_IDX_KEY]
+        if li == 1:
+            raise Boom("loop 1 failed")
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append(li)
+            raise
+
+
+def parallel(settings: LoopSettings, n: int = 2) -> LoopSettings:
+    return settings.model_copy(update={"step_semaphore": n})
+
+
+def test_the_handle_is_a_real_coroutine(settings: LoopSettings) -> None:
+    handle = Chain(settings).run(loop_n=1)
+    assert isinstance(handle, collections.abc.Coroutine)
+    handle.close()  # never awaited: nothing to warn about
+
+
+def test_asyncio_run_accepts_the_handle(settings: LoopSettings) -> None:
+    summary = asyncio.run(Chain(settings).run(step_n=10, loop_n=2, all_duration="2h"))
+    assert summary == RunSummary(steps=8, loops=2, reason="loop_n")
+
+
+def test_trio_run_accepts_the_run_method(settings: LoopSettings) -> None:
+    loop = Chain(settings)
+    summary = trio.run(loop.run, 6)  # step_n=6
+    assert summary == RunSummary(steps=6, loops=1, reason="step_n")
+    assert loop.step_idx[1] == 2
+
+
+async def test_await_returns_a_frozen_summary(settings: LoopSettings) -> None:
+    summary = await Chain(settings).run(loop_n=3)
+    assert summary == RunSummary(steps=12, loops=3, reason="loop_n")
+    with pytest.raises(AttributeError):
+        summary.steps = 1  # type: ignore[misc]
+
+
+async def test_async_with_streams_results_of_each_loop_in_step_order(
+    settings: LoopSettings,
+) -> None:
+    seen: list[StepResult] = []
+    async with Chain(parallel(settings, 3)).run(loop_n=4) as results:
+        async for result in results:
+            seen.append(result)
+    assert results.summary == RunSummary(steps=16, loops=4, reason="loop_n")
+    for li in range(4):
+        mine = [r for r in seen if r.loop_idx == li]
+        assert [r.step_name for r in mine] == ["s0", "s1", "s2", "s3"]
+        assert [r.output for r in mine] == [f"{s}@{li}" for s in ("s0", "s1", "s2", "s3")]
+        assert all(r.exception is None and r.started_at.tzinfo is not None for r in mine)
+        assert all(r.started_at <= r.ended_at for r in mine)
+    assert "loop 0 step 0 s0" in str(seen[0])
+
+
+async def test_bare_async_for_streams_every_result(settings: LoopSettings) -> None:
+    names = [r.step_name async for r in Chain(settings).run(loop_n=2)]
+    assert names == ["s0", "s1", "s2", "s3"] * 2
+
+
+async def test_a_handle_is_consumed_once(settings: LoopSettings) -> None:
+    handle = Chain(settings).run(loop_n=1)
+    await handle
+    with pytest.raises(RuntimeError, match="already consumed"):
+        async with handle:
+            pass
+
+
+async def test_one_run_at_a_time_per_loop_object(settings: LoopSettings) -> None:
+    loop = Chain(settings, delay=0.05)
+    async with loop.run(loop_n=1) as results:
+        with pytest.raises(RuntimeError, match="already running"):
+            await loop.run(loop_n=1)
+        async for _ in results:
+            pass
+
+
+# -- errors reach the caller as themselves, in every form ---------------------------------
+
+
+async def test_await_raises_the_step_error_itself_with_a_note(settings: LoopSettings) -> None:
+    loop = Failing(parallel(settings))
+    with pytest.raises(Boom) as info:
+        await loop.run(loop_n=2)
+    assert type(info.value) is Boom
+    assert any("loop 1" in note and "'s1'" in note for note in info.value.__notes__)
+    assert loop.cancelled == [0]  # the sibling step was cancelled, not left running
+    assert loop.step_idx[1] == 1  # the failed step is not marked done
+
+
+async def test_async_with_raises_the_step_error_from_the_iteration(
+    settings: LoopSettings,
+) -> None:
+    loop = Failing(parallel(settings))
+    received: list[StepResult] = []
+    with pytest.raises(Boom):
+        async with loop.run(loop_n=2) as results:
+            async for result in results:
+                received.append(result)
+    assert {r.step_name for r in received} <= {"s0"}
+    assert loop.cancelled == [0]
+
+
+async def test_bare_async_for_raises_the_step_error_from_anext(settings: LoopSettings) -> None:
+    loop = Failing(parallel(settings))
+    with pytest.raises(Boom) as info:
+        async for _ in loop.run(loop_n=2):
+            pass
+    assert type(info.value) is Boom
+    await wait_until_stopped(loop)
+    assert loop.cancelled == [0]
+
+
+# -- a consumer that leaves early ----------------------------------------------------------
+
+
+async def wait_until_stopped(loop: LoopBase, timeout: float = 5) -> None:
+    with anyio.fail_after(timeout):
+        while loop._run_state is not None:
+            await anyio.sleep(0.01)
+
+
+async def assert_nothing_runs_any_more(loop: Chain) -> None:
+    await wait_until_stopped(loop, timeout=0.5)
+    executed = len(loop.executed)
+    await anyio.sleep(0.3)
+    assert len(loop.executed) == executed
+
+
+async def test_break_stops_the_engine_promptly(settings: LoopSettings) -> None:
+    loop = Chain(parallel(settings, 4), delay=0.01)
+    async for result in loop.run():
+        if result.loop_idx == 2:
+            break
+    await assert_nothing_runs_any_more(loop)
+
+
+async def test_break_while_awaiting_between_items(settings: LoopSettings) -> None:
+    loop = Chain(parallel(settings, 4), delay=0.01)
+    count = 0
+    async for _ in loop.run():
+        await anyio.sleep(0.02)  # the consumer's own awaits see no engine cancellation
+        count += 1
+        if count == 5:
+            break
+    await anyio.sleep(0.01)
+    await assert_nothing_runs_any_more(loop)
+
+
+async def test_the_consumers_own_exception_propagates_unwrapped(settings: LoopSettings) -> None:
+    loop = Chain(parallel(settings, 4), delay=0.01)
+    with pytest.raises(KeyError) as info:
+        async for _ in loop.run():
+            raise KeyError("mine")
+    assert type(info.value) is KeyError
+    await assert_nothing_runs_any_more(loop)
+
+
+async def test_outside_cancellation_of_a_bare_async_for(settings: LoopSettings) -> None:
+    loop = Chain(parallel(settings, 4), delay=0.01)
+    with anyio.move_on_after(0.2) as scope:
+        async for _ in loop.run():
+            pass
+    assert scope.cancelled_caught
+    await assert_nothing_runs_any_more(loop)
+
+
+async def test_outside_cancellation_of_async_with(settings: LoopSettings) -> None:
+    loop = Chain(parallel(settings, 4), delay=0.01)
+    with anyio.move_on_after(0.2) as scope:
+        async with loop.run() as results:
+            async for _ in results:
+                pass
+    assert scope.cancelled_caught
+    assert loop._run_state is None  # structured: nothing outlives the block
+    executed = len(loop.executed)
+    await anyio.sleep(0.2)
+    assert len(loop.executed) == executed
+
+
+async def test_leaving_async_with_early_stops_everything_before_the_block_ends(
+    settings: LoopSettings,
+) -> None:
+    loop = Chain(parallel(settings, 4), delay=0.01)
+    async with loop.run() as results:
+        async for result in results:
+            if result.loop_idx == 3:
+                break
+    assert loop._run_state is None
+    executed = len(loop.executed)
+    await anyio.sleep(0.2)
+    assert len(loop.executed) == executed
+
+
+async def test_a_dropped_iterator_that_was_never_started_leaves_nothing(
+    settings: LoopSettings,
+) -> None:
+    iterator = aiter(Chain(settings).run(loop_n=1))
+    del iterator
+    await anyio.lowlevel.checkpoint()
+
+
+async def test_explicit_aclose_waits_for_the_engine(settings: LoopSettings) -> None:
+    loop = Chain(parallel(settings, 2), delay=0.01)
+    iterator = aiter(loop.run())
+    await anext(iterator)
+    await iterator.aclose()  # type: ignore[attr-defined]
+    assert loop._run_state is None
