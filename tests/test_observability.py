@@ -1,0 +1,71 @@
+"""Logging, the progress display and run statistics."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pytest
+from looplib import Chain
+
+from rdagent_loop import LoopSettings
+from rdagent_loop._progress import NoProgress, TqdmProgress, make_progress
+from rdagent_loop._results import StepResult
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_every_step_record_names_its_loop_and_step(
+    settings: LoopSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="rdagent_loop"):
+        await Chain(settings).run(loop_n=2)
+    step_records = [r for r in caplog.records if hasattr(r, "step_name")]
+    assert len(step_records) >= 8
+    assert {(r.loop_idx, r.step_name) for r in step_records} == {  # type: ignore[attr-defined]
+        (li, s) for li in range(2) for s in ("s0", "s1", "s2", "s3")
+    }
+    assert any("run ended" in r.getMessage() for r in caplog.records)
+
+
+def test_the_progress_display_is_off_without_a_terminal(tmp_path: Path) -> None:
+    loop = Chain(LoopSettings(trace_path=tmp_path, progress=True))
+    assert isinstance(make_progress(loop, step_n=None, loop_n=3), NoProgress)  # pytest: no tty
+    assert isinstance(
+        make_progress(Chain(LoopSettings(trace_path=tmp_path, progress=False)), step_n=1, loop_n=1),
+        NoProgress,
+    )
+
+
+def test_the_progress_display_shows_loops_in_flight_and_overall_steps() -> None:
+    from datetime import datetime, timezone
+
+    out = io.StringIO()
+    progress = TqdmProgress(["s0", "s1"], total=4, file=out)
+    now = datetime.now(timezone.utc)
+    progress.loop_admitted(0)
+    progress.loop_admitted(1)
+    progress.step_started(0, 0, "s0")
+    progress.step_finished(StepResult(0, 0, "s0", 1, None, now, now))
+    progress.step_started(1, 0, "s0")
+    text = out.getvalue()
+    assert "loop 0" in text
+    assert "loop 1" in text
+    assert "run" in text
+    progress.loop_finished(0)
+    progress.close()
+
+
+async def test_statistics_count_the_run(settings: LoopSettings) -> None:
+    handle = Chain(settings.model_copy(update={"step_semaphore": 2}), delay=0.01).run(loop_n=3)
+    async with handle as results:
+        async for _ in results:
+            stats = handle.statistics()
+            assert stats.loops_in_flight <= 2
+    stats = handle.statistics()
+    assert stats.steps_completed == 12
+    assert stats.loops_completed == 3
+    assert set(stats.peak_steps_running) == {"s0", "s1", "s2", "s3"}
+    assert max(stats.peak_steps_running.values()) <= 2
+    assert stats.steps_running == {"s0": 0, "s1": 0, "s2": 0, "s3": 0}
