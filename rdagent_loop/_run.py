@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import math
 import pickle
 import weakref
@@ -31,14 +30,15 @@ from ._budget import StepBudget
 from ._compat import BaseExceptionGroup, add_note
 from ._errors import LoopResumeError, LoopTerminationError, SnapshotError, StepTimeoutError
 from ._executors import StepRunner
+from ._logging import log, step_context
 from ._progress import make_progress
 from ._results import LoopTrace, RunSummary, StepResult, StopReason
+from ._session import SnapshotWriter
 from ._steps import step_options
 
 if TYPE_CHECKING:
     from ._loop import LoopBase
 
-log = logging.getLogger("rdagent_loop")
 
 
 def _utcnow() -> datetime:
@@ -111,6 +111,7 @@ class RunState:
         self._run_scope = anyio.CancelScope()
         self._grace_scope: anyio.CancelScope | None = None
         self.runner = StepRunner(loop)
+        self.snapshot_writer = SnapshotWriter()  # loop.dump() hands it the bytes to write
         self.progress = make_progress(loop, step_n=step_n, loop_n=loop_n)
 
     # -- public helpers -------------------------------------------------------------------
@@ -152,7 +153,7 @@ class RunState:
         error: BaseException | None = None
         try:
             self._apply_budgets()
-            async with self.runner, anyio.create_task_group() as outer:
+            async with self.snapshot_writer, self.runner, anyio.create_task_group() as outer:
                 outer.start_soon(self._forward, send)
                 try:
                     await self._run_generations()
@@ -332,7 +333,8 @@ class RunState:
             )
             started = _utcnow()
             try:
-                output, attempts, retried = await self._call(li, si, name)
+                with step_context(li, name):
+                    output, attempts, retried = await self._call(li, si, name)
             except BaseException as exc:
                 self.budget.release()
                 if isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -523,6 +525,7 @@ class RunState:
         restored: LoopBase | None = None
         if base is not None and self.settings.save_snapshots:
             path = loop.session_folder / base
+            self.snapshot_writer.flush()  # the snapshot to restore must be on disk
             kwargs: dict[str, Any] = {"checkout": False, "replace_timer": False}
             params = inspect.signature(type(loop).load).parameters
             if "settings" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):

@@ -21,7 +21,7 @@ async def test_every_step_record_names_its_loop_and_step(
 ) -> None:
     with caplog.at_level(logging.DEBUG, logger="rdagent_loop"):
         await Chain(settings).run(loop_n=2)
-    step_records = [r for r in caplog.records if hasattr(r, "step_name")]
+    step_records = [r for r in caplog.records if getattr(r, "step_name", None)]
     assert len(step_records) >= 8
     assert {(r.loop_idx, r.step_name) for r in step_records} == {  # type: ignore[attr-defined]
         (li, s) for li in range(2) for s in ("s0", "s1", "s2", "s3")
@@ -69,3 +69,21 @@ async def test_statistics_count_the_run(settings: LoopSettings) -> None:
     assert set(stats.peak_steps_running) == {"s0", "s1", "s2", "s3"}
     assert max(stats.peak_steps_running.values()) <= 2
     assert stats.steps_running == {"s0": 0, "s1": 0, "s2": 0, "s3": 0}
+
+
+async def test_records_logged_inside_a_step_carry_its_loop_and_step(
+    settings: LoopSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from rdagent_loop._logging import log
+
+    class Logs(Chain):
+        async def s1(self, prev_out: dict) -> str:  # type: ignore[type-arg]
+            log.info("inside s1")
+            return await super().s1(prev_out)
+
+    with caplog.at_level(logging.INFO, logger="rdagent_loop"):
+        await Logs(settings.model_copy(update={"save_snapshots": False})).run(loop_n=1)
+    inside = [r for r in caplog.records if r.getMessage() == "inside s1"]
+    assert [(r.loop_idx, r.step_name) for r in inside] == [(0, "s1")]  # type: ignore[attr-defined]
+    ended = next(r for r in caplog.records if "run ended" in r.getMessage())
+    assert ended.loop_idx is None  # type: ignore[attr-defined]
