@@ -160,8 +160,8 @@ class RunState:
                 except anyio.get_cancelled_exc_class():
                     raise
                 except BaseException as exc:
+                    # results recorded before the error still reach the consumer, then it
                     error = exc
-                    outer.cancel_scope.cancel("the run failed")
                 finally:
                     self._finished = True
                     self._pending_changed.set()
@@ -793,6 +793,11 @@ class _DetachedIterator(AsyncIterator[StepResult]):
         except BaseException:
             self._scope.cancel()
             raise
+
+    @property
+    def summary(self) -> RunSummary | None:
+        """The run's summary, once the iteration is over."""
+        return self._outcome.summary
 
     async def aclose(self) -> None:
         """Stop the engine and wait until it has stopped."""
