@@ -57,7 +57,9 @@ class RunSummary:
     reason: StopReason
 
     def __str__(self) -> str:
-        return f"{self.steps} steps, {self.loops} loops completed; stopped by {self.reason}"
+        steps = f"{self.steps} step{'' if self.steps == 1 else 's'}"
+        loops = f"{self.loops} loop{'' if self.loops == 1 else 's'}"
+        return f"{steps}, {loops} completed; stopped by {self.reason}"
 
 
 @dataclass(frozen=True, slots=True)
