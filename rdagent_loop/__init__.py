@@ -7,6 +7,7 @@ from ._errors import LoopResumeError as LoopResumeError
 from ._errors import LoopTerminationError as LoopTerminationError
 from ._errors import RemoteStepError as RemoteStepError
 from ._errors import SnapshotError as SnapshotError
+from ._errors import SnapshotWarning as SnapshotWarning
 from ._errors import StepTimeoutError as StepTimeoutError
 from ._errors import WorkerCrashedError as WorkerCrashedError
 from ._loop import LoopBase as LoopBase
@@ -40,6 +41,7 @@ __all__ = (
     "RunSummary",
     "SnapshotError",
     "SnapshotInfo",
+    "SnapshotWarning",
     "StepOptions",
     "StepResult",
     "StepTimeoutError",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copyreg
 import logging
+from array import array
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from . import _session
 from ._budget import Timer, check_count, parse_duration
 from ._errors import LoopResumeError, LoopTerminationError
+from ._finished import FinishedLoops, LoopMap, archive_finished
 from ._results import LoopTrace
 from ._settings import LoopSettings
 from ._steps import collect_steps
@@ -22,7 +25,34 @@ log = logging.getLogger("rdagent_loop")
 L = TypeVar("L", bound="LoopBase")
 
 # attributes that belong to a live run, never to a snapshot
-_RUNTIME_ATTRS = frozenset({"_run_state"})
+_RUNTIME_ATTRS = frozenset(
+    {"_run_state", "_snapshot_index", "_snapshot_cache", "_snapshot_unsigned"}
+)
+
+# self-contained attributes that rarely change: pickled again only when they do
+_CONSTANT_ATTRS = ("settings", "session_folder", "_finished")
+
+
+def _reduce_trace(trace: LoopTrace) -> tuple[Any, ...]:
+    # a frozen slots dataclass pickles through Python-level __getstate__: slow, and there
+    # is one per completed step of every loop in flight
+    return (LoopTrace, (trace.start, trace.end, trace.step_idx, trace.step_name, trace.exception))
+
+
+# the engine's own attributes, pickled after the user's (see __getstate__)
+_ENGINE_ATTRS = (
+    "settings",
+    "session_folder",
+    "loop_n",
+    "step_n",
+    "loop_idx",
+    "timer",
+    "_finished",
+    "step_idx",
+    "withdraw_base",
+    "loop_trace",
+    "loop_prev_out",
+)
 
 
 class LoopMeta(type):
@@ -76,8 +106,10 @@ class LoopBase(metaclass=LoopMeta):
         self.settings = settings if settings is not None else LoopSettings()
         self.loop_idx = 0  # the loop being kicked off; advances when its first step completes
         self.step_idx: defaultdict[int, int] = defaultdict(int)  # loop -> next step to run
-        self.loop_prev_out: defaultdict[int, dict[str, Any]] = defaultdict(dict)
-        self.loop_trace: defaultdict[int, list[LoopTrace]] = defaultdict(list)
+        # finished loops' outputs and traces live on disk, loaded on access (see _finished.py)
+        self._finished = FinishedLoops(Path(self.settings.trace_path) / "__session__")
+        self.loop_prev_out: LoopMap[dict[str, Any]] = LoopMap(dict, "prev_out", self._finished)
+        self.loop_trace: LoopMap[list[LoopTrace]] = LoopMap(list, "trace", self._finished)
         self.session_folder = Path(self.settings.trace_path) / "__session__"
         self.timer = Timer()
         self.loop_n: int | None = None  # loops still to admit
@@ -145,14 +177,45 @@ class LoopBase(metaclass=LoopMeta):
         return LoopRun(self, step_n=step_n, loop_n=loop_n, all_duration=duration)
 
     # -- persistence ----------------------------------------------------------------------
+    #
+    # A snapshot holds every loop as of its last completed step, and ``self`` as it is at
+    # that instant: what an in-flight step has already changed in ``self`` is in it too. A
+    # step that may run beside others should change ``self`` only at its end, or be one that
+    # runs alone (``record``, ``feedback``).
 
     def dump(self, path: str | Path) -> None:
-        """Save this loop to ``path`` atomically. Subclasses may override and call super().
+        """Save this loop to ``path`` atomically. Subclasses may override it and call super().
 
-        The state is captured (pickled) before this returns.
+        The state is captured (pickled into memory) before this returns, so an override may
+        drop a big attribute, call ``super().dump(path)`` and put it back. During a run the
+        bytes reach the disk a moment later, in order, from the run's writer thread (drained
+        before ``run()`` returns); outside a run they are written before this returns.
+        So a crash may lose the last few snapshots, whose results may have been streamed
+        already: those steps run again on resume. Finished loops' outputs are written once,
+        beside their steps, and not again.
         """
-        data = _session.encode(self)
-        _session.write_atomic(Path(path), data, self.settings.durability)
+        path = Path(path)
+        settings = self.settings
+        outputs = self._archive_finished()
+        store = _session.store_for(path)
+        try:
+            job = _session.make_job(
+                self,
+                path,
+                durability=settings.durability,
+                key=_session.signing_key(settings.signing_key),
+                index=None if store is None else self._chunk_index(store),
+                outputs=outputs,
+                constants=self._snapshot_constants(),
+                dispatch={**copyreg.dispatch_table, LoopTrace: _reduce_trace},
+            )
+        except BaseException:
+            if outputs:  # archived already: their files must exist whatever happens here
+                _session.SnapshotJob(None, "", None, None, settings.durability, None, outputs).run()
+            raise
+        writer = getattr(self._run_state, "snapshot_writer", None)
+        if writer is None or not writer.submit(job):
+            job.run()
 
     @classmethod
     def load(
@@ -164,48 +227,124 @@ class LoopBase(metaclass=LoopMeta):
     ) -> L:
         """Load a snapshot file, or the newest valid snapshot of a session folder.
 
-        ``checkout=True`` deletes the snapshots written after the loaded one;
-        ``checkout=<path>`` continues in ``<path>/__session__`` and leaves the old folder as it
-        is. ``replace_timer=True`` keeps the remaining time of ``all_duration``; ``False``
-        starts with a fresh timer.
+        Everything is verified before anything is unpickled: the header, the signature (with
+        ``settings.signing_key``, else the key of ``LoopSettings()``, i.e. the environment),
+        the checksums, and the class (``cls`` or a subclass). A broken newest snapshot is
+        skipped with a :class:`SnapshotWarning`. ``checkout=True`` deletes the snapshots
+        written after the loaded one; ``checkout=<path>`` continues in
+        ``<path>/__session__`` and leaves the old folder as it is. ``replace_timer=True``
+        keeps the remaining time of ``all_duration``; ``False`` starts with a fresh timer.
         """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no snapshot or session folder at {path}")
-        folder = _session.session_folder_of(path)
-        file = path if path.is_file() else _session.newest_valid(folder)
-        loop = _session.load_file(file, cls)
-        if not isinstance(loop, cls):
-            raise TypeError(f"{file} holds a {type(loop).__name__}, not a {cls.__name__}")
+        given = settings if settings is not None else LoopSettings()
+        key = _session.signing_key(given.signing_key)
+        folder: Path | None
+        if path.is_file():
+            snapshot = _session.read_snapshot(path, key)
+            pieces = snapshot.read_pieces()
+            folder = path.parent.parent if _session.store_for(path) is not None else None
+        else:
+            folder = _session.session_folder_of(path)
+            files = [file for file, *_ in _session.snapshot_files(folder)]
+            snapshot, pieces = _session.newest_valid(files, folder, key)
+        loop: L = snapshot.rebuild(cls, pieces)
+        file = snapshot.path
         if settings is not None:
             loop.settings = settings
+        elif key is not None:  # keep signing what this loop writes from now on
+            loop.settings = loop.settings.model_copy(update={"signing_key": given.signing_key})
         if not replace_timer:
             loop.timer = Timer()
         if checkout is True:
+            if folder is None:
+                raise ValueError(f"checkout=True needs a snapshot inside a session, not {path}")
             deleted = _session.truncate_after(folder, file)
             if deleted:
                 log.info("checkout of %s deleted %d later snapshots", file, len(deleted))
-            loop._move_to(folder)
-        elif checkout:
-            new_folder = Path(checkout) / "__session__"
-            loop._move_to(new_folder)
+        if checkout is True or checkout is False:
+            if folder is not None:
+                loop._move_to(folder)
+                loop._seed_index(snapshot)
+            return loop
+        new_folder = Path(checkout) / "__session__"
+        loop._finished.copy_to(new_folder, loop.settings.durability)
+        loop._move_to(new_folder)
+        if folder is not None:
             # the fork holds its starting point, so it can be loaded before its first step
-            loop.dump(new_folder / file.relative_to(folder))
-        else:
-            loop._move_to(folder)
+            loop.dump(new_folder / file.parent.name / file.name)
         return loop
+
+    def _archive_finished(self) -> list[_session.OutputsBlob]:
+        """Hand finished loops' outputs to the archive (each is written once)."""
+        archive = self.__dict__.get("_finished")
+        maps = [self.__dict__.get("loop_prev_out"), self.__dict__.get("loop_trace")]
+        if not isinstance(archive, FinishedLoops) or not all(isinstance(m, LoopMap) for m in maps):
+            return []
+        n = len(self.steps)
+        outputs = archive_finished(archive, maps, lambda li: self.step_idx.get(li, 0) >= n)  # type: ignore[arg-type]
+        bases = self.__dict__.get("withdraw_base")
+        if isinstance(bases, dict):  # only a loop in flight can be withdrawn
+            for blob in outputs:
+                bases.pop(blob.loop_idx, None)
+        return outputs
+
+    def _snapshot_constants(self) -> dict[str, tuple[Any, Any, bytes]]:
+        cache = self.__dict__.get("_snapshot_cache")
+        if cache is None:
+            cache = {n: (None, None, b"") for n in _CONSTANT_ATTRS}
+            self.__dict__["_snapshot_cache"] = cache
+        constants: dict[str, tuple[Any, Any, bytes]] = cache
+        return constants
+
+    def _chunk_index(self, store: Path) -> _session.ChunkIndex:
+        index = self.__dict__.get("_snapshot_index")
+        if not isinstance(index, _session.ChunkIndex) or index.store != store:
+            index = self.__dict__["_snapshot_index"] = _session.ChunkIndex(store)
+        return index
+
+    def _seed_index(self, snapshot: _session.Snapshot) -> None:
+        """Start the chunk index from a snapshot just read: its chunks are known good."""
+        if snapshot.store is not None:
+            self._chunk_index(snapshot.store).seed(*snapshot.index_seed())
 
     def _move_to(self, session_folder: Path) -> None:
         self.session_folder = session_folder
         self.settings = self.settings.model_copy(update={"trace_path": session_folder.parent})
+        archive = self.__dict__.get("_finished")
+        if isinstance(archive, FinishedLoops):
+            archive.folder = session_folder
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_ATTRS}
+        # the user's attributes first, the engine's (which change at every step) last: a
+        # snapshot's chunks then stay the same where the user's state did not change
+        own = self.__dict__
+        state = {k: v for k, v in own.items() if k not in _RUNTIME_ATTRS and k not in _ENGINE_ATTRS}
+        state.update((k, own[k]) for k in _ENGINE_ATTRS if k in own)
         settings = state.get("settings")
         if isinstance(settings, LoopSettings) and settings.signing_key is not None:
-            state["settings"] = settings.model_copy(update={"signing_key": None})
+            # never save the key; the same copy each time, so it is pickled only once
+            unsigned = own.get("_snapshot_unsigned")
+            if unsigned is None or unsigned[0] is not settings:
+                unsigned = (settings, settings.model_copy(update={"signing_key": None}))
+                own["_snapshot_unsigned"] = unsigned
+            state["settings"] = unsigned[1]
+        steps = state.get("step_idx")
+        if isinstance(steps, defaultdict) and list(steps) == list(range(len(steps))):
+            # loops 0..n-1, as always: an array pickles in one piece, however many loops
+            state["step_idx"] = array("q", steps.values())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._run_state = None
+        steps = state.get("step_idx")
+        if isinstance(steps, array):
+            self.step_idx = defaultdict(int, enumerate(steps))
+        archive = state.get("_finished")
+        if isinstance(archive, FinishedLoops):
+            for name in ("loop_prev_out", "loop_trace"):
+                mapping = state.get(name)
+                if isinstance(mapping, LoopMap):
+                    mapping.attach(archive)

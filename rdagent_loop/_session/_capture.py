@@ -1,0 +1,370 @@
+"""Taking a snapshot: a consistent picture now, the disk later.
+
+``capture`` runs synchronously in ``dump()``, between steps: it pickles the state into
+memory, one *segment* per attribute, with one pickler so that objects shared between
+attributes stay shared. A ``SnapshotJob`` then does the slow part (cutting into chunks,
+hashing, writing, fsyncing), on the run's writer thread or inline.
+
+Thread steps may change ``self`` while it is pickled, which used to fail with "dictionary
+changed size during iteration" (RD-Agent #1285). The pickler runs in C, but Python-level
+``__reduce__``/``__getstate__`` code lets the interpreter switch threads every switch
+interval (5 ms). So the capture raises the switch interval to ``QUIET_INTERVAL``: other
+Python threads wait until the capture is done (typically milliseconds). If the capture itself
+gives the GIL away (a ``__reduce__`` that sleeps or does I/O), another thread may run, for up
+to ``QUIET_INTERVAL`` each time; a mutation that slips in then is caught and the capture is
+taken again (``CAPTURE_ATTEMPTS`` times in all).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .._errors import SnapshotError
+from ._atomic import Durability, fsync_dir, write_atomic
+from ._chunks import INLINE_MAX, STORE_NAME, ChunkIndex, sha256
+from ._format import clock, encode_header, qualified_name, read_body, read_header
+
+PROTOCOL = 5
+_JSON = json.JSONEncoder(separators=(",", ":"))
+CAPTURE_ATTEMPTS = 3
+QUIET_INTERVAL = 0.1  # seconds another thread may wait for the GIL during a capture
+
+T = TypeVar("T")
+
+capturing: ContextVar[bool] = ContextVar("rdagent_loop_capturing", default=False)
+"""True while a snapshot is being pickled (objects may leave out what is saved elsewhere)."""
+
+_MUTATED = re.compile(r"(changed|mutated)( size)? during iteration")
+
+
+class _QuietThreads:
+    """Raise ``sys.setswitchinterval`` while any capture runs (re-entrant, thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = sys.getswitchinterval()
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(max(QUIET_INTERVAL, self._saved))
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    sys.setswitchinterval(self._saved)
+
+
+quiet_threads = _QuietThreads()
+
+
+def consistently(make: Callable[[], T]) -> T:
+    """Call ``make`` (which pickles live objects) so that other threads cannot interleave.
+
+    Other Python threads are held off by the switch interval; if one still changed a
+    container during the pickling (a ``__reduce__`` that released the GIL), try again.
+    """
+    token = capturing.set(True)
+    try:
+        for attempt in range(1, CAPTURE_ATTEMPTS + 1):
+            with quiet_threads():
+                try:
+                    return make()
+                except RuntimeError as exc:
+                    if attempt == CAPTURE_ATTEMPTS or not _MUTATED.search(str(exc)):
+                        raise
+        raise AssertionError("unreachable")
+    finally:
+        capturing.reset(token)
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    """A pickled state: one buffer, cut into named segments.
+
+    A segment is ``(name, start, end, own)``; ``own`` segments are pickles of their own
+    (see ``pickle_state``), the others continue one pickler's memo.
+    """
+
+    buffer: memoryview
+    segments: tuple[tuple[str, int, int, bool], ...]
+    whole: bool  # the state is one object, not a dict of attributes
+
+    def segment(self, index: int) -> memoryview:
+        _, start, end, _ = self.segments[index]
+        return self.buffer[start:end]
+
+
+Constants = dict[str, tuple[Any, Any, bytes]]
+"""Attribute name -> (object, its ``snapshot_version``, its pickle) of the last snapshot."""
+
+
+def pickle_state(
+    state: Any, constants: Constants | None = None, dispatch: dict[type, Any] | None = None
+) -> Captured:
+    """Pickle ``state`` (usually ``obj.__getstate__()``) into segments, one per attribute.
+
+    Attributes named in ``constants`` are self-contained values that change rarely (the
+    settings, a path, the archive of finished loops): each is pickled on its own, and its
+    bytes are reused while it is the same object with the same ``snapshot_version``. Every
+    other attribute continues one pickler's memo, so objects shared between attributes stay
+    shared. ``dispatch`` is the pickler's ``dispatch_table`` (faster reducers).
+    """
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, protocol=PROTOCOL)
+    if dispatch is not None:
+        pickler.dispatch_table = dispatch
+    segments = []
+    if isinstance(state, dict) and all(isinstance(k, str) for k in state):
+        for name, value in state.items():
+            start = out.tell()
+            own = constants is not None and name in constants
+            if own:
+                assert constants is not None
+                cached = constants[name]
+                version = getattr(value, "__dict__", {}).get("snapshot_version")
+                if cached[0] is not value or cached[1] != version:
+                    cached = constants[name] = (value, version, pickle.dumps(value, PROTOCOL))
+                out.write(cached[2])
+            else:
+                pickler.dump(value)
+            segments.append((name, start, out.tell(), own))
+        whole = False
+    else:
+        pickler.dump(state)
+        segments.append(("", 0, out.tell(), False))
+        whole = True
+    return Captured(out.getbuffer(), tuple(segments), whole)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputsBlob:
+    """The pickled outputs and trace of one finished loop, written once beside its steps."""
+
+    folder: Path  # the session folder
+    loop_idx: int
+    digest: str
+    data: bytes
+    written: Callable[[], None] = lambda: None
+
+    @property
+    def path(self) -> Path:
+        return outputs_path(self.folder, self.loop_idx, self.digest)
+
+
+def outputs_path(folder: Path, loop_idx: int, digest: str) -> Path:
+    """``<session>/<loop>/outputs-<sha256 prefix>``: no ``_``, so never taken for a step file."""
+    return folder / str(loop_idx) / f"outputs-{digest[:16]}"
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatistics:
+    bytes_written: int
+    chunks_written: int
+    chunks_reused: int
+    seconds: float
+
+
+def store_for(path: Path) -> Path | None:
+    """The chunk store of a snapshot at ``path``: its session's, if ``path`` follows RD-Agent's
+    layout ``<session>/<loop>/<step>_<name>``; else None (the snapshot holds all its bytes)."""
+    folder, _, name = os.path.normpath(path).rpartition(os.sep)  # pathlib is slow here
+    session, _, loop = folder.rpartition(os.sep)
+    step, sep, _ = name.partition("_")
+    if sep and step.isdigit() and loop.isdigit():
+        return Path(session, STORE_NAME)
+    return None
+
+
+@dataclass
+class SnapshotJob:
+    """Everything needed to write one snapshot (and the loop outputs it refers to)."""
+
+    path: Path | None
+    cls: str
+    captured: Captured | None
+    index: ChunkIndex | None
+    durability: Durability
+    key: bytes | None
+    outputs: list[OutputsBlob] = field(default_factory=list)
+    written_at: tuple[int, int] = (0, 0)
+
+    @property
+    def nbytes(self) -> int:
+        size = sum(len(blob.data) for blob in self.outputs)
+        return size + (len(self.captured.buffer) if self.captured is not None else 0)
+
+    def run(self) -> JobStatistics:
+        """Write the outputs files, the new chunks, then the snapshot file itself."""
+        started = time.perf_counter()
+        written = 0
+        for blob in self.outputs:
+            written += write_outputs(blob, self.durability, self.key)
+            blob.written()
+        new = reused = 0
+        if self.path is not None and self.captured is not None:
+            if self.index is not None:
+                with self.index.lock:
+                    body, new, reused, chunk_bytes = self._body(self.index)
+                written += chunk_bytes
+            else:
+                body, new, reused, _ = self._body(None)
+            header = encode_header(
+                "snapshot", self.cls, len(body), sha256(body), self.key, self.written_at
+            )
+            # one write call: each system call hands the GIL to the event loop's thread
+            written += write_atomic(self.path, [header + body], self.durability, make_dir=True)
+        return JobStatistics(written, new, reused, time.perf_counter() - started)
+
+    def _body(self, index: ChunkIndex | None) -> tuple[bytes, int, int, int]:
+        """The manifest line and the inline bytes; new chunks go to the store on the way."""
+        captured = self.captured
+        assert captured is not None
+        assert self.path is not None
+        segments: list[str] = []  # JSON, written by hand: this runs for every snapshot
+        inline: list[memoryview] = []
+        new = reused = chunk_bytes = 0
+        for i, (name, _, _, own) in enumerate(captured.segments):
+            data = captured.segment(i)
+            pieces: list[str] = []
+            if index is None or len(data) < INLINE_MAX:
+                inline.append(data)
+                pieces.append(f"[{len(data)}]")
+            else:
+                split, unchanged = index.split(name, memoryview(unframe(data)))
+                last = len(split) - 1
+                for n, ((size, digest), view) in enumerate(split):
+                    if digest in index.known:
+                        reused += 1
+                    elif size < INLINE_MAX or (n >= last - 1 and n >= unchanged):
+                        # small, or a new end of the segment (the part most likely to
+                        # change again): kept in this file; stored once it shows up unchanged
+                        inline.append(view)
+                        pieces.append(f"[{size}]")
+                        continue
+                    elif index.ensure(digest, view, self.durability):
+                        new += 1
+                        chunk_bytes += size
+                    else:
+                        reused += 1
+                    pieces.append(f'[{size},"{digest}"]')
+            flag = ",1" if own else ""
+            segments.append(f"[{_JSON.encode(name)},[{','.join(pieces)}]{flag}]")
+        if new and self.durability == "fsync" and index is not None:
+            fsync_dir(index.store)
+        store = "null" if index is None else f'"../{STORE_NAME}"'  # see store_for()
+        state = "object" if captured.whole else "dict"
+        line = (
+            f'{{"protocol":{PROTOCOL},"state":"{state}","store":{store},'
+            f'"segments":[{",".join(segments)}]}}\n'
+        ).encode()
+        return line + b"".join(inline), new, reused, chunk_bytes
+
+
+def write_outputs(blob: OutputsBlob, durability: Durability, key: bytes | None = None) -> int:
+    """Write one finished loop's outputs file, unless the same one is there already."""
+    path = blob.path
+    try:
+        with path.open("rb") as f:
+            header = read_header(f, path, None)
+            if header.kind == "outputs" and header.body_sha256 == blob.digest:
+                read_body(f, path, header)
+                return 0
+    except (OSError, SnapshotError):  # absent or damaged: (re)write it
+        pass
+    head = encode_header("outputs", f"loop {blob.loop_idx}", len(blob.data), blob.digest, key)
+    return write_atomic(path, [head, blob.data], durability, make_dir=True)
+
+
+def make_job(
+    obj: Any,
+    path: Path,
+    *,
+    durability: Durability,
+    key: bytes | None,
+    index: ChunkIndex | None,
+    outputs: list[OutputsBlob],
+    constants: Constants | None = None,
+    dispatch: dict[type, Any] | None = None,
+) -> SnapshotJob:
+    """Capture ``obj`` now; the returned job writes it to ``path`` when run."""
+    captured = consistently(lambda: pickle_state(obj.__getstate__(), constants, dispatch))
+    return SnapshotJob(
+        path=path,
+        cls=qualified_name(type(obj)),
+        captured=captured,
+        index=index,
+        durability=durability,
+        key=key,
+        outputs=outputs,
+        written_at=clock.tick(),
+    )
+
+
+__all__ = (
+    "Captured",
+    "JobStatistics",
+    "OutputsBlob",
+    "SnapshotJob",
+    "capturing",
+    "consistently",
+    "make_job",
+    "outputs_path",
+    "pickle_state",
+    "store_for",
+    "write_outputs",
+)
+
+
+_FRAME = 0x95
+_LONG_HEADERS = {ord("B"): 5, ord("X"): 5, 0x8E: 9, 0x8D: 9, 0x96: 9}  # large objects
+
+
+def unframe(data: memoryview) -> memoryview | bytes:
+    """The same protocol-5 pickle without its FRAME opcodes.
+
+    Frames cut a pickle every 64 KiB, and a frame's header holds its length: appending to
+    a list rewrites the header of the last frame, far from the end, so an unchanged prefix
+    would not stay unchanged. Frames are optional for the unpickler. The C pickler writes a
+    pickle as frames, with only large objects (a header and their data) between them; if
+    anything else shows up, the rest is kept as it is (still a valid pickle).
+    """
+    if len(data) < 2 or data[0] != 0x80:
+        return data
+    parts = [data[:2]]
+    pos = 2
+    end = len(data)
+    while pos < end:
+        op = data[pos]
+        if op == _FRAME:
+            size = int.from_bytes(data[pos + 1 : pos + 9], "little")
+            parts.append(data[pos + 9 : pos + 9 + size])
+            pos += 9 + size
+        elif op in _LONG_HEADERS:
+            head = _LONG_HEADERS[op]
+            size = head + int.from_bytes(data[pos + 1 : pos + head], "little")
+            parts.append(data[pos : pos + size])
+            pos += size
+        else:
+            parts.append(data[pos:])
+            break
+    return b"".join(parts)

@@ -1,0 +1,313 @@
+"""Snapshots and resume: SCENARIOS.md 21-29, checkout, the timer, flat cost and flat disk."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+import trio
+from session_loops import (
+    Chain,
+    CrashesAtS2,
+    Crowded,
+    Grows,
+    KeepsKnowledge,
+    Steady,
+    Withdraws,
+)
+
+from rdagent_loop import LoopSettings, list_snapshots
+from rdagent_loop._finished import FinishedLoops
+
+pytestmark = pytest.mark.anyio
+
+
+def files(loop: Chain | Grows) -> list[Path]:
+    return sorted(p for p in loop.session_folder.glob("*/*_*") if p.is_file())
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def with_(settings: LoopSettings, **changes: object) -> LoopSettings:
+    return settings.model_copy(update=changes)
+
+
+# -- SCENARIOS.md 21-29 ---------------------------------------------------------------------
+
+
+async def test_21_every_snapshot_points_at_the_next_step(settings: LoopSettings) -> None:
+    loop = Chain(with_(settings, step_semaphore=2))
+    await loop.run(loop_n=3)
+    assert len(files(loop)) == 12
+    for file in files(loop):
+        li, si = int(file.parent.name), int(file.name.split("_")[0])
+        restored = Chain.load(file)
+        assert restored.step_idx[li] == si + 1
+        assert restored.loop_prev_out[li][f"s{si}"] == f"s{si}@{li}"
+
+
+async def test_22_a_crashed_step_is_not_saved_as_done_and_runs_again(
+    settings: LoopSettings,
+) -> None:
+    CrashesAtS2.crashed = False
+    loop = CrashesAtS2(settings)
+    with pytest.raises(OSError, match="disk full"):
+        await loop.run(loop_n=1)
+    assert loop.step_idx[0] == 2
+    assert CrashesAtS2.load(loop.session_folder).step_idx[0] == 2
+    assert [p.name for p in files(loop)] == ["0_s0", "1_s1"]
+    await loop.run()
+    assert loop.executed == [(0, "s0"), (0, "s1"), (0, "s2"), (0, "s3")]
+
+
+async def test_23_a_cancelled_step_is_not_marked_done_in_memory_or_on_disk(
+    settings: LoopSettings,
+) -> None:
+    loop = Chain(settings, delay=0.05)
+    with anyio.move_on_after(0.12):
+        await loop.run(loop_n=1)
+    assert loop.step_idx[0] == 2
+    assert [p.name for p in files(loop)] == ["0_s0", "1_s1"]
+    assert Chain.load(loop.session_folder).step_idx[0] == 2
+    await loop.run()
+    assert [name for _, name in loop.executed] == ["s0", "s1", "s2", "s3"]
+
+
+def test_24_saving_while_a_thread_mutates_a_big_dict_never_fails(settings: LoopSettings) -> None:
+    loop = Crowded(settings)
+    stop = threading.Event()
+    churn = threading.Thread(target=loop._churn, args=(stop,))
+    churn.start()
+    try:
+        for i in range(40):
+            loop.step_idx[i] = 1
+            loop.dump(loop.session_folder / str(i) / "0_start")
+    finally:
+        stop.set()
+        churn.join()
+    infos = list_snapshots(loop.session_folder)
+    assert len(infos) == 40
+    assert all(i.valid for i in infos)
+    restored = Crowded.load(infos[-1].path)
+    assert 0 < len(restored.crowd) <= 4000
+
+
+async def test_24_saving_beside_a_thread_step_never_fails(settings: LoopSettings) -> None:
+    loop = Crowded(with_(settings, step_semaphore=3, step_executor={"mutate": "thread"}))
+    await loop.run(loop_n=12)
+    infos = list_snapshots(loop.session_folder)
+    assert len(infos) == 36
+    assert all(i.valid for i in infos)
+
+
+def test_a_capture_is_taken_again_when_a_mutation_slipped_in() -> None:
+    from rdagent_loop._session import consistently
+
+    attempts = []
+
+    def make() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("dictionary changed size during iteration")
+        return "picture"
+
+    assert consistently(make) == "picture"
+    assert len(attempts) == 2
+    with pytest.raises(RuntimeError, match="other"):
+        consistently(lambda: (_ for _ in ()).throw(RuntimeError("other")))
+
+
+async def test_25_checkout_to_a_copy_writes_only_into_the_copy(
+    settings: LoopSettings, tmp_path: Path
+) -> None:
+    loop = Grows(settings)
+    await loop.run(loop_n=3)
+    before = tree_digest(loop.session_folder)
+    middle = loop.session_folder / "1" / "0_propose"
+    fork = Grows.load(middle, checkout=tmp_path / "fork")
+    assert fork.session_folder == tmp_path / "fork" / "__session__"
+    assert fork.settings.trace_path == tmp_path / "fork"
+    assert fork.loop_prev_out[0]["record"] == 1  # finished loops stay readable in the fork
+    await fork.run(loop_n=2)
+    assert tree_digest(loop.session_folder) == before
+    names = sorted(str(p.relative_to(fork.session_folder)) for p in files(fork))  # type: ignore[arg-type]
+    assert names == ["1/0_propose", "1/1_record", "2/0_propose", "2/1_record"]
+    resumed = Grows.load(tmp_path / "fork")
+    assert len(resumed.history) == 3
+    assert all(resumed.loop_prev_out[li]["record"] == li + 1 for li in range(3))
+
+
+def test_26_a_dump_that_fails_half_way_leaves_the_previous_snapshot(
+    settings: LoopSettings,
+) -> None:
+    loop = Chain(settings)
+    loop.step_idx[0] = 1
+    loop.dump(loop.session_folder / "0" / "0_s0")
+    loop.unpicklable = lambda: None  # type: ignore[attr-defined]
+    with pytest.raises(Exception, match="pickle"):
+        loop.dump(loop.session_folder / "0" / "1_s1")
+    assert [p.name for p in files(loop)] == ["0_s0"]
+    assert not list(loop.session_folder.rglob(".tmp-*"))
+    assert Chain.load(loop.session_folder).step_idx[0] == 1
+
+
+def test_27_load_picks_the_newest_snapshot_by_time_of_writing(settings: LoopSettings) -> None:
+    loop = Chain(with_(settings, step_semaphore=2))
+    loop.step_idx.update({0: 3, 1: 1})
+    loop.loop_idx = 2
+    loop.dump(loop.session_folder / "1" / "0_s0")
+    loop.step_idx[0] = 3
+    loop.loop_prev_out[0]["s2"] = "s2@0"
+    loop.dump(loop.session_folder / "0" / "2_s2")  # written after 1/0_s0
+    newest = Chain.load(loop.session_folder)
+    assert newest.loop_prev_out[0]["s2"] == "s2@0"
+    # and the other way round: the larger name written first is not the newest
+    loop.loop_prev_out[1]["s0"] = "s0@1"
+    loop.dump(loop.session_folder / "1" / "0_s0")
+    assert Chain.load(loop.session_folder).loop_prev_out[1]["s0"] == "s0@1"
+
+
+def test_28_running_twice_works_in_new_event_loops(settings: LoopSettings) -> None:
+    loop = Chain(settings)
+    assert asyncio.run(loop.run(loop_n=1)).loops == 1
+    assert trio.run(lambda: loop.run(loop_n=1)).loops == 1
+    assert asyncio.run(loop.run(loop_n=1)).loops == 1
+    assert loop.loop_idx == 3
+    assert len(files(loop)) == 12
+    resumed = Chain.load(loop.session_folder)
+    assert [resumed.loop_prev_out[li]["s3"] for li in range(3)] == ["s3@0", "s3@1", "s3@2"]
+
+
+async def test_29_withdraw_restores_cleanly_from_disk(settings: LoopSettings) -> None:
+    Withdraws.tries, Withdraws.cancelled = {}, []
+    loop = Withdraws(with_(settings, step_semaphore=2))
+    summary = await loop.run(loop_n=2)
+    assert summary.reason == "loop_n"
+    assert Withdraws.cancelled == [0]  # the sibling in flight was cancelled
+    for li in range(2):
+        assert loop.loop_prev_out[li]["s2"] == f"s2@{li}"
+    infos = list_snapshots(loop.session_folder)
+    assert all(i.valid for i in infos)
+    resumed = Withdraws.load(loop.session_folder)
+    assert dict(resumed.step_idx) == {0: 3, 1: 3}
+    assert [resumed.loop_prev_out[li]["s1"] for li in range(2)] == ["s1@0", "s1@1"]
+
+
+# -- checkout, timer, overrides -------------------------------------------------------------
+
+
+async def test_checkout_true_deletes_the_snapshots_written_later(settings: LoopSettings) -> None:
+    loop = Chain(with_(settings, step_semaphore=2))
+    await loop.run(loop_n=2)
+    infos = list_snapshots(loop.session_folder)
+    kept = loop.session_folder / "0" / "1_s1"
+    order = [i.path for i in infos]
+    later = set(order[order.index(kept) + 1 :])
+    resumed = Chain.load(kept, checkout=True)
+    assert set(files(loop)) == set(order) - later
+    await resumed.run()
+    assert all(i.valid for i in list_snapshots(loop.session_folder))
+    assert dict(Chain.load(loop.session_folder).step_idx) == {0: 4, 1: 4}
+
+
+async def test_the_remaining_time_survives_a_resume(settings: LoopSettings) -> None:
+    loop = Chain(settings, delay=0.02)
+    await loop.run(loop_n=1, all_duration="1h")
+    left = Chain.load(loop.session_folder).timer.remain_time()
+    assert left is not None
+    assert timedelta(minutes=59) < left < timedelta(hours=1)
+    fresh = Chain.load(loop.session_folder, replace_timer=False)
+    assert fresh.timer.remain_time() is None
+
+
+async def test_a_dump_override_drops_an_attribute_and_load_can_extend(
+    settings: LoopSettings,
+) -> None:
+    loop = KeepsKnowledge(settings)
+    await loop.run(loop_n=1)
+    assert loop.knowledge == b"k" * 1_000_000  # put back after every dump
+    assert all(i.state_size < 100_000 for i in list_snapshots(loop.session_folder))
+    assert KeepsKnowledge.load(loop.session_folder).knowledge == b"reloaded"
+
+
+async def test_a_resumed_run_repeats_no_step_and_skips_none(settings: LoopSettings) -> None:
+    loop = Chain(settings)
+    await loop.run(step_n=6)  # loop 0 done, loop 1 half way
+    resumed = Chain.load(loop.session_folder)
+    resumed.executed = []
+    await resumed.run(loop_n=1)
+    assert resumed.executed == [(1, "s2"), (1, "s3")]
+
+
+# -- flat cost and flat disk ----------------------------------------------------------------
+
+
+async def test_finished_loops_outputs_are_written_once_and_read_back_on_access(
+    settings: LoopSettings,
+) -> None:
+    loop = Grows(settings, size=30_000)
+    await loop.run(loop_n=20)
+    outputs = sorted(loop.session_folder.glob("*/outputs-*"))
+    assert [p.parent.name for p in outputs] == sorted(str(li) for li in range(20))
+    resumed = Grows.load(loop.session_folder)
+    for li in range(20):
+        assert resumed.loop_prev_out[li]["propose"] == loop.loop_prev_out[li]["propose"]
+        assert [t.step_name for t in resumed.loop_trace[li]] == ["propose", "record"]
+    assert len(resumed._finished._cache) <= FinishedLoops.cache_size  # memory stays bounded
+    assert 0 in resumed.loop_prev_out and 99 not in resumed.loop_prev_out
+    assert list(resumed.loop_prev_out) == list(range(20))
+
+
+async def test_snapshot_size_does_not_grow_with_finished_loops(settings: LoopSettings) -> None:
+    loop = Steady(settings, size=30_000)
+    await loop.run(loop_n=60)
+    sizes = {(i.loop_idx, i.step_idx): i.state_size for i in list_snapshots(loop.session_folder)}
+    early, late = sizes[(5, 0)], sizes[(59, 0)]
+    assert late < early * 1.1, (early, late)
+
+
+async def test_disk_grows_with_new_state_not_with_snapshots(settings: LoopSettings) -> None:
+    loop = Grows(settings, size=50_000)
+    await loop.run(loop_n=30)
+    usage = sum(p.stat().st_size for p in loop.session_folder.rglob("*") if p.is_file())
+    new = 2 * 30 * 50_000  # what the run made: history added to self, and the outputs
+    assert usage < 3 * new, usage  # the old engine wrote snapshots x state: 60 x 0.8 MB
+    infos = list_snapshots(loop.session_folder, deep=True)
+    assert len(infos) == 60
+    assert all(i.valid for i in infos)
+    for info in infos:  # every snapshot stays loadable
+        restored = Grows.load(info.path)
+        assert len(restored.history) == info.loop_idx + info.step_idx
+
+
+async def test_snapshots_are_written_off_the_event_loop_thread(settings: LoopSettings) -> None:
+    writers: set[str] = set()
+    import rdagent_loop._session._atomic as atomic
+
+    real = atomic._replace
+
+    def spy(src: str, dst: Path) -> None:
+        writers.add(threading.current_thread().name)
+        real(src, dst)
+
+    atomic._replace = spy  # type: ignore[assignment]
+    try:
+        await Chain(settings).run(loop_n=1)
+    finally:
+        atomic._replace = real  # type: ignore[assignment]
+    assert writers == {"rdagent-loop-snapshots"}
+    assert threading.current_thread().name not in writers
+    assert not [t for t in threading.enumerate() if t.name == "rdagent-loop-snapshots"]
+    assert os.getpid()
