@@ -1,0 +1,38 @@
+"""What every executor gets (a ``StepCall``) and what it must offer (``Executor``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .._steps import StepOptions
+
+
+@dataclass(frozen=True, slots=True)
+class StepCall:
+    """One call of one step: the bound method, its ``prev_out`` and its declared policies."""
+
+    loop_idx: int
+    step_idx: int
+    name: str
+    func: Callable[[dict[str, Any]], Any]
+    prev_out: dict[str, Any]
+    options: StepOptions
+
+    def describe(self) -> str:
+        return f"step {self.name!r} of loop {self.loop_idx}"
+
+
+class Executor(Protocol):
+    """Runs step calls for one ``run()``; closed when the run ends, however it ends.
+
+    ``run`` returns the step's output or raises the step's exception as itself. When the
+    calling task is cancelled, ``run`` stops the step (or abandons it, for threads) before
+    the cancellation propagates. ``aclose`` releases what the executor holds (processes,
+    cluster connections) and must return promptly even while the run is being cancelled.
+    """
+
+    async def run(self, call: StepCall) -> Any: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,403 @@
+"""The ``process`` executor: a pool of worker processes that lives as long as the run.
+
+Why a pool of our own rather than ``concurrent.futures``: a worker must be killable with
+everything it started (``ProcessPoolExecutor`` cannot cancel a running call), a crash must
+fail one step rather than break the pool, and waiting must not block the event loop under
+asyncio or trio.
+
+* Workers start when a process step first needs one (then the whole pool starts at once,
+  so the workers import in parallel), and serve every step of every generation of the run;
+  each imports the application once. The pool has ``process_workers`` workers (default
+  ``max_parallel``); a killed worker is replaced when a step next needs one.
+* A step is shipped as one pickle of ``(bound method, prev_out)``, made on the event loop's
+  thread when the step starts: a consistent copy, since no async step runs meanwhile and
+  ``thread`` steps are held off as for snapshots. Large tasks travel through shared memory.
+  Only the return value comes back; an exception comes back as itself, with the worker's
+  traceback as its ``__cause__``.
+* **The step works on a copy.** Whatever a process step changes in ``self`` stays in the
+  worker and is thrown away; put what must survive in the return value, and let an inline
+  step (``record``) apply it to ``self``.
+* Each worker leads its own session and process group. Cancelling a step (deadline,
+  withdraw, an error elsewhere, the consumer leaving, KeyboardInterrupt) kills the group
+  and the worker's other descendants with SIGKILL; the pool starts a fresh worker when one
+  is next needed. Processes the application started itself are not touched.
+* A worker that dies under a step (killed, segfault, out of memory) fails only that step,
+  with :class:`WorkerCrashedError` naming the step and the signal.
+* POSIX only (process groups, ``pidfd`` on Linux, a polling fallback elsewhere).
+* Like ``multiprocessing``'s spawn start method, workers import the main script as
+  ``__mp_main__``, so a script that starts a run needs an ``if __name__ == "__main__":``
+  guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import psutil
+
+from .._compat import add_note
+from .._errors import WorkerCrashedError
+from .._session._capture import quiet_threads
+from . import _wire
+from ._base import StepCall
+
+log = logging.getLogger("rdagent_loop")
+
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from rdagent_loop._executors._worker import main; main()"
+)
+_PIPE_SIZE = 1 << 20
+_REAP_TIMEOUT = 10.0
+_PICKLE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessPoolStatistics:
+    workers_started: int
+    workers_killed: int
+    workers_idle: int
+    steps_run: int
+
+
+class _WorkerDied(Exception):
+    def __init__(self, returncode: int | None) -> None:
+        self.returncode = returncode
+
+
+class _Worker:
+    """The parent's handle on one worker: its process, pipes, and exit notification."""
+
+    def __init__(self, prep: bytes, lifeline: int) -> None:
+        to_r, self.to_fd = os.pipe()
+        self.from_fd, from_w = os.pipe()
+        self.region = _shared_region()
+        shared = self.region.fd if self.region is not None else -1
+        passed = (to_r, from_w, lifeline) + ((shared,) if shared >= 0 else ())
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _BOOT,
+                    json.dumps(_sys_path()),
+                    *(str(fd) for fd in (to_r, from_w, lifeline, shared)),
+                ],
+                stdin=subprocess.DEVNULL,
+                pass_fds=passed,
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in (self.to_fd, self.from_fd):
+                os.close(fd)
+            if self.region is not None:
+                self.region.close()
+            raise
+        finally:
+            os.close(to_r)
+            os.close(from_w)
+        self.pid = self.proc.pid
+        for fd in (self.to_fd, self.from_fd):
+            os.set_blocking(fd, False)
+            _grow_pipe(fd)
+        self.pidfd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            with contextlib.suppress(OSError):
+                self.pidfd = os.pidfd_open(self.pid)
+        self._outbox: list[bytes | memoryview] = [_wire.HEADER.pack(len(prep)), prep]
+        self._reader = _wire.FrameReader()
+        self.closed = False
+        # now, so the worker imports the main module while no step waits for it; a worker
+        # that died already is found out by the first request
+        with contextlib.suppress(OSError):
+            self._send_nowait()
+
+    def stage(self, task: _wire.Chunks) -> None:
+        """Queue one task: copy it into shared memory now, or into the frame."""
+        if self.region is not None and task.size >= _wire.SHARED_MIN:
+            self.region.store(task)
+            body = _wire.SHARED + _wire.SHARED_TASK.pack(task.size, self.region.size)
+            self._outbox += [_wire.HEADER.pack(len(body)), body]
+        else:
+            self._outbox += [_wire.HEADER.pack(1 + task.size), _wire.IN_FRAME, *task.parts]
+
+    async def request(self) -> bytearray:
+        """Send the staged task, wait for its reply; raise ``_WorkerDied`` if the worker dies."""
+        reply: bytearray | None = None
+
+        async def exchange() -> None:
+            nonlocal reply
+            try:
+                await self._send()
+                reply = await self._receive()
+            except OSError:  # EPIPE: the worker is gone; its exit status says why
+                reply = None
+            tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(exchange)
+            await self._wait_exit()
+            tg.cancel_scope.cancel()
+        if reply is None:
+            # everything a dead worker wrote is readable now
+            with contextlib.suppress(OSError):
+                self._reader.pump(self.from_fd)
+            if self._reader.frames:
+                return self._reader.frames.pop(0)
+            with anyio.move_on_after(1):
+                await self._wait_exit()
+            raise _WorkerDied(self.proc.poll())
+        return reply
+
+    async def _send(self) -> None:
+        while self._outbox:
+            self._send_nowait()
+            if self._outbox:
+                await anyio.wait_writable(self.to_fd)
+
+    def _send_nowait(self) -> None:
+        """Write what the pipe takes now; leave the rest in the outbox."""
+        while self._outbox:
+            chunk = self._outbox[0]
+            try:
+                written = os.write(self.to_fd, chunk)
+            except BlockingIOError:
+                return
+            if written < len(chunk):
+                self._outbox[0] = memoryview(chunk)[written:]
+                return
+            self._outbox.pop(0)
+
+    async def _receive(self) -> bytearray | None:
+        while not self._reader.frames:
+            await anyio.wait_readable(self.from_fd)
+            if not self._reader.pump(self.from_fd):
+                return self._reader.frames.pop(0) if self._reader.frames else None
+        return self._reader.frames.pop(0)
+
+    async def _wait_exit(self) -> None:
+        if self.pidfd is not None:
+            await anyio.wait_readable(self.pidfd)
+        else:
+            # no pidfd (not Linux): nothing to wait on but the exit status itself
+            while self.proc.poll() is None:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+
+    def kill(self) -> None:
+        """Kill the worker's process group and its other descendants; close our ends."""
+        if self.closed:
+            return
+        self.closed = True
+        # list the descendants first: once the worker is dead they are orphans, unfindable
+        descendants = _descendants(self.pid) if self.proc.poll() is None else []
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        for pid in descendants:  # those that left the group (start_new_session=True)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for fd in (self.to_fd, self.from_fd, self.pidfd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if self.region is not None:
+            self.region.close()
+
+    def reaped(self) -> bool:
+        return self.proc.poll() is not None
+
+
+class ProcessExecutor:
+    """A pool of ``size`` reusable worker processes; see the module docstring."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._slots: anyio.Semaphore | None = None
+        self._idle: list[_Worker] = []
+        self._busy = 0
+        self._dying: list[_Worker] = []
+        self._prep: bytes | None = None
+        self._lifeline: tuple[int, int] | None = None
+        self._started = 0
+        self._killed = 0
+        self._steps = 0
+
+    def statistics(self) -> ProcessPoolStatistics:
+        return ProcessPoolStatistics(self._started, self._killed, len(self._idle), self._steps)
+
+    async def run(self, call: StepCall) -> Any:
+        if self._slots is None:
+            self._slots = anyio.Semaphore(self._size)
+        async with self._slots:
+            self._reap()
+            try:
+                task = _pickle_task(call)
+            except Exception as exc:
+                add_note(
+                    exc,
+                    f"while sending {call.describe()} to a worker process: the loop object "
+                    "and prev_out must be picklable",
+                )
+                raise
+            if not self._idle:
+                self._fill()
+            worker = self._idle.pop()
+            self._busy += 1
+            healthy = False
+            try:
+                worker.stage(task)
+                del task
+                reply = await worker.request()
+                healthy = True
+            except _WorkerDied as died:
+                rc = died.returncode
+                signum = -rc if rc is not None and rc < 0 else None
+                exitcode = rc if rc is not None and rc >= 0 else None
+                raise WorkerCrashedError(
+                    call.name, call.loop_idx, worker.pid, signum, exitcode
+                ) from None
+            finally:
+                self._busy -= 1
+                if healthy:
+                    self._idle.append(worker)
+                else:
+                    self._discard(worker)
+            self._steps += 1
+        return _wire.decode_reply(reply)
+
+    def _fill(self) -> None:
+        """Start every missing worker at once, so they import in parallel, not one by one
+        as the steps of a ramping-up run come to need them."""
+        for _ in range(self._size - self._busy - len(self._idle)):
+            self._idle.append(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        if self._prep is None:
+            self._prep = pickle.dumps(_preparation_data(), protocol=_wire.PROTOCOL)
+        if self._lifeline is None:
+            self._lifeline = os.pipe()
+        worker = _Worker(self._prep, self._lifeline[0])
+        self._started += 1
+        log.debug("process pool: started worker %d", worker.pid)
+        return worker
+
+    def _discard(self, worker: _Worker) -> None:
+        worker.kill()
+        self._killed += 1
+        self._dying.append(worker)
+        log.debug("process pool: killed worker %d", worker.pid)
+
+    def _reap(self) -> None:
+        self._dying = [w for w in self._dying if not w.reaped()]
+
+    async def aclose(self) -> None:
+        """Kill every worker and wait (briefly, shielded) until each one is reaped."""
+        while self._idle:
+            self._discard(self._idle.pop())
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_REAP_TIMEOUT):
+            self._reap()
+            while self._dying:
+                await anyio.sleep(0.005)
+                self._reap()
+        for worker in self._dying:
+            log.warning("process pool: worker %d did not exit after SIGKILL", worker.pid)
+
+
+def _pickle_task(call: StepCall) -> _wire.Chunks:
+    """Pickle ``(bound method, prev_out)`` while other threads are held off, as snapshots
+    are, so a ``thread`` step changing ``self`` meanwhile cannot tear the copy ("dictionary
+    changed size during iteration"); try again if one still slipped in."""
+    for attempt in range(_PICKLE_ATTEMPTS):
+        with quiet_threads():
+            try:
+                return _wire.pickle_chunks((call.func, call.prev_out))
+            except RuntimeError as exc:
+                if attempt + 1 == _PICKLE_ATTEMPTS or "during iteration" not in str(exc):
+                    raise
+    raise AssertionError("unreachable")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid``, from ``/proc`` where it lists children (Linux: fast,
+    no scan of every process), else from psutil."""
+    if not _PROC_CHILDREN:
+        with contextlib.suppress(psutil.Error):
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        return []
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+                found += children
+                stack += children
+    return found
+
+
+_PROC_CHILDREN = os.path.exists(f"/proc/self/task/{threading.get_native_id()}/children")
+
+
+def _shared_region() -> _wire.SharedRegion | None:
+    """Shared memory for large tasks, where the platform has ``memfd_create`` (Linux)."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        return _wire.SharedRegion(os.memfd_create("rdagent_loop-task", os.MFD_CLOEXEC))
+    except OSError:
+        return None
+
+
+def _sys_path() -> list[str]:
+    return [p if p else os.getcwd() for p in sys.path if isinstance(p, str)]
+
+
+def _grow_pipe(fd: int) -> None:
+    """Fewer wake-ups for large payloads (Linux only; the default 64 KiB works too)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+def _preparation_data() -> dict[str, Any]:
+    """What ``multiprocessing.spawn.prepare`` needs in the worker, like a spawn child.
+
+    Built here rather than by ``get_preparation_data``, which fixes the application's
+    default start method as a side effect.
+    """
+    import multiprocessing.process
+
+    data: dict[str, Any] = {
+        "name": "rdagent_loop-worker",
+        "sys_path": _sys_path(),
+        "sys_argv": list(sys.argv),
+        "dir": os.getcwd(),
+        "orig_dir": getattr(multiprocessing.process, "ORIGINAL_DIR", None),
+    }
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    main_path = getattr(main, "__file__", None)
+    if spec_name is not None:
+        data["init_main_from_name"] = spec_name
+    elif main_path is not None:
+        data["init_main_from_path"] = os.path.abspath(main_path)
+    return data

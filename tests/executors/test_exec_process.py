@@ -1,0 +1,320 @@
+"""The process executor: a reused pool of killable workers, on asyncio and trio.
+
+Real processes run here, so these tests use the real clock with generous bounds; speed is
+measured in ``benchmarks/bench_executors.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from executor_helpers import await_file, my_children, settings_for, wait_for_file, wait_gone
+
+from rdagent_loop import LoopBase, RemoteStepError, WorkerCrashedError, step
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_child_left")]
+
+
+class CustomError(Exception):
+    def __init__(self, what, n):
+        super().__init__(what, n)
+
+
+class LockedError(Exception):
+    """An exception that cannot travel: it holds a lock."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class Withdraw(Exception):
+    pass
+
+
+class Shipped(LoopBase):
+    """``s0`` and ``s3`` inline (first and last), ``s1`` and ``s2`` in the process pool."""
+
+    withdraw_loop_error = (Withdraw,)
+
+    def __init__(self, settings, folder: Path, fail: str = "", seconds: float = 0.0):
+        super().__init__(settings)
+        self.folder = folder
+        self.fail = fail
+        self.seconds = seconds
+
+    def s0(self, prev_out):
+        return os.getpid()
+
+    def s1(self, prev_out):
+        assert "s0" in prev_out
+        li = prev_out[self.LOOP_IDX_KEY]
+        with (self.folder / "s1.log").open("a") as log:
+            log.write(f"{li} {os.getpid()} {time.monotonic()} start\n")
+        time.sleep(self.seconds)
+        with (self.folder / "s1.log").open("a") as log:
+            log.write(f"{li} {os.getpid()} {time.monotonic()} end\n")
+        return os.getpid()
+
+    def s2(self, prev_out):
+        li = prev_out[self.LOOP_IDX_KEY]
+        if self.fail == "custom" and li == 1:
+            raise CustomError("loop", 7)
+        if self.fail == "locked" and li == 0:
+            raise LockedError("cannot travel")
+        if self.fail == "output" and li == 0:
+            return (i for i in range(3))
+        if self.fail == "withdraw" and li == 1 and not (self.folder / "withdrawn").exists():
+            (self.folder / "withdrawn").touch()
+            raise Withdraw("once")
+        return prev_out["s1"]
+
+    def s3(self, prev_out):
+        return os.getpid()
+
+
+def intervals(folder: Path) -> list[tuple[float, float]]:
+    starts: dict[str, float] = {}
+    spans = []
+    for line in (folder / "s1.log").read_text().splitlines():
+        li, _pid, t, what = line.split()
+        if what == "start":
+            starts[li] = float(t)
+        else:
+            spans.append((starts[li], float(t)))
+    return sorted(spans)
+
+
+async def test_process_steps_run_in_reused_workers(tmp_path):
+    loop = Shipped(settings_for(tmp_path, step_semaphore=2), tmp_path)
+    async with loop.run(loop_n=5) as results:
+        outputs = {(r.loop_idx, r.step_name): r.output async for r in results}
+    me = os.getpid()
+    assert {outputs[(li, "s0")] for li in range(5)} == {me}
+    assert {outputs[(li, "s3")] for li in range(5)} == {me}
+    workers = {outputs[(li, name)] for li in range(5) for name in ("s1", "s2")}
+    assert me not in workers
+    assert len(workers) <= 2  # started once, reused by ten steps
+    assert not wait_gone(list(workers))  # and shut down with the run
+
+
+async def test_pool_survives_generations(tmp_path):
+    loop = Shipped(settings_for(tmp_path, step_semaphore=2), tmp_path, fail="withdraw")
+    async with loop.run(loop_n=4) as results:
+        outputs = [r async for r in results]
+    assert (tmp_path / "withdrawn").exists()
+    workers = {r.output for r in outputs if r.step_name in ("s1", "s2")}
+    assert len(workers) <= 2
+    assert sorted(li for li, steps in loop.step_idx.items() if steps == 4) == [0, 1, 2, 3]
+
+
+async def test_process_step_error_comes_back_as_itself(tmp_path):
+    loop = Shipped(settings_for(tmp_path, step_semaphore=2), tmp_path, fail="custom")
+    with pytest.raises(CustomError) as info:
+        await loop.run(loop_n=3)
+    assert type(info.value) is CustomError
+    assert info.value.args == ("loop", 7)
+    assert "in s2" in str(info.value.__cause__)  # the worker's traceback
+    assert any("loop 1" in note and "'s2'" in note for note in info.value.__notes__)
+
+
+async def test_exception_that_cannot_travel_keeps_its_type_name_and_message(tmp_path):
+    loop = Shipped(settings_for(tmp_path, subproc_step=True), tmp_path, fail="locked")
+    with pytest.raises(RemoteStepError, match="LockedError: cannot travel") as info:
+        await loop.run(loop_n=1)
+    assert info.value.type_name.endswith("test_exec_process.LockedError")
+    assert "raise LockedError" in info.value.remote_traceback
+
+
+async def test_output_that_cannot_travel_is_a_clear_error(tmp_path):
+    loop = Shipped(settings_for(tmp_path, subproc_step=True), tmp_path, fail="output")
+    with pytest.raises(TypeError, match="returned a value that cannot be pickled"):
+        await loop.run(loop_n=1)
+
+
+class NoWithdraw(Shipped):
+    withdraw_loop_error = ()  # the engine would pickle the loop at the start to restore it
+
+
+async def test_loop_that_cannot_travel_is_a_clear_error(tmp_path):
+    loop = NoWithdraw(settings_for(tmp_path, subproc_step=True, save_snapshots=False), tmp_path)
+    loop.lock = threading.Lock()
+    with pytest.raises(TypeError, match="lock") as info:
+        await loop.run(loop_n=1)
+    assert any("step 's1' of loop 0 to a worker process" in n for n in info.value.__notes__)
+
+
+async def test_pool_size_limits_concurrency(tmp_path):
+    loop = Shipped(
+        settings_for(tmp_path, step_semaphore=3, process_workers=1), tmp_path, seconds=0.2
+    )
+    await loop.run(loop_n=3)
+    spans = intervals(tmp_path)
+    assert len(spans) == 3
+    assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))
+
+
+class LimitedStep(Shipped):
+    @step(executor="process", limit=1)
+    def s1(self, prev_out):
+        return super().s1(prev_out)
+
+
+async def test_step_limit_is_respected_in_processes(tmp_path):
+    loop = LimitedStep(settings_for(tmp_path, step_semaphore=3), tmp_path, seconds=0.2)
+    await loop.run(loop_n=3)
+    spans = intervals(tmp_path)
+    assert len(spans) == 3
+    assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))
+
+
+class Spawner(LoopBase):
+    """``s1`` starts ``sleep 60`` children (one in a session of its own) and blocks."""
+
+    def __init__(self, settings, folder: Path):
+        super().__init__(settings)
+        self.folder = folder
+
+    def s0(self, prev_out):
+        return 0
+
+    def s1(self, prev_out):
+        kids = [
+            subprocess.Popen(["sleep", "60"]),
+            subprocess.Popen(["sleep", "60"], start_new_session=True),
+        ]
+        pids = [os.getpid(), *(k.pid for k in kids)]
+        (self.folder / f"pids-{prev_out[self.LOOP_IDX_KEY]}").write_text(" ".join(map(str, pids)))
+        time.sleep(60)
+
+    def s2(self, prev_out):
+        return 2
+
+
+def started_pids(folder: Path) -> list[int]:
+    return [int(p) for f in folder.glob("pids-*") for p in f.read_text().split()]
+
+
+async def test_deadline_kills_the_step_and_every_process_it_started(tmp_path):
+    loop = Spawner(settings_for(tmp_path, step_semaphore=2), tmp_path)
+    started = time.monotonic()
+    summary = await loop.run(loop_n=2, all_duration=2.5)
+    elapsed = time.monotonic() - started
+    assert summary.reason == "all_duration"
+    assert elapsed < 2.5 + 3
+    pids = started_pids(tmp_path)
+    assert len(pids) == 6  # two workers, each with two children
+    assert not wait_gone(pids)
+    assert loop.step_idx[0] == loop.step_idx[1] == 1  # the cancelled steps are not done
+
+
+class Crasher(Shipped):
+    skip_loop_error = (WorkerCrashedError,)
+    skip_loop_error_stepname = "s3"
+
+    def s1(self, prev_out):
+        if prev_out[self.LOOP_IDX_KEY] == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return os.getpid()
+
+
+async def test_killed_worker_fails_its_step_and_the_next_runs_on_a_fresh_one(tmp_path):
+    loop = Crasher(settings_for(tmp_path, subproc_step=True), tmp_path)
+    async with loop.run(loop_n=2) as results:
+        by_step = {(r.loop_idx, r.step_name): r async for r in results}
+    crash = by_step[(0, "s1")].exception
+    assert isinstance(crash, WorkerCrashedError)
+    assert crash.signal == signal.SIGKILL
+    assert "step 's1' of loop 0" in str(crash)
+    assert "SIGKILL" in str(crash)
+    assert (0, "s2") not in by_step  # skipped to s3
+    fresh = by_step[(1, "s1")].output
+    assert fresh != crash.pid
+    assert by_step[(1, "s2")].output == fresh
+
+
+class Unskipped(Crasher):
+    skip_loop_error = ()
+
+
+async def test_killed_worker_is_a_clear_error_when_not_skipped(tmp_path):
+    loop = Unskipped(settings_for(tmp_path, subproc_step=True), tmp_path)
+    with pytest.raises(WorkerCrashedError, match=r"step 's1' of loop 0 .* killed by SIGKILL"):
+        await loop.run(loop_n=2)
+
+
+class Blocker(Spawner):
+    """Loop 1 fails in an async step while loop 0 is blocked in a process step."""
+
+    async def s0(self, prev_out):
+        if prev_out[self.LOOP_IDX_KEY] == 1:
+            while not list(self.folder.glob("pids-*")):
+                await anyio.sleep(0.02)
+            raise CustomError("elsewhere", 1)
+        return 0
+
+
+async def test_error_elsewhere_kills_in_flight_process_steps(tmp_path):
+    loop = Blocker(settings_for(tmp_path, step_semaphore=2), tmp_path)
+    started = time.monotonic()
+    with pytest.raises(CustomError):
+        await loop.run(loop_n=2)
+    assert time.monotonic() - started < 10
+    assert not wait_gone(started_pids(tmp_path))
+
+
+async def test_consumer_leaving_kills_in_flight_process_steps(tmp_path):
+    loop = Spawner(settings_for(tmp_path, step_semaphore=2), tmp_path)
+    async with loop.run(loop_n=2) as results:
+        async for _ in results:
+            await await_file(tmp_path / "pids-0")
+            break
+    assert not wait_gone(started_pids(tmp_path))
+
+
+INTERRUPTED_APP = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import anyio
+    from test_exec_process import Spawner
+    from executor_helpers import settings_for
+
+    if __name__ == "__main__":
+        backend, folder = sys.argv[1], Path(sys.argv[2])
+        loop = Spawner(settings_for(folder, step_semaphore=2, save_snapshots=False), folder)
+        try:
+            anyio.run(lambda: loop.run(loop_n=2), backend=backend)
+        except KeyboardInterrupt:
+            sys.exit(130)
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_keyboard_interrupt_kills_in_flight_process_steps(tmp_path, backend):
+    script = tmp_path / "app.py"
+    script.write_text(INTERRUPTED_APP)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    app = subprocess.Popen([sys.executable, str(script), backend, str(tmp_path)], env=env)
+    try:
+        wait_for_file(tmp_path / "pids-0", timeout=30)
+        wait_for_file(tmp_path / "pids-1", timeout=30)
+        app.send_signal(signal.SIGINT)
+        assert app.wait(timeout=10) == 130
+    finally:
+        app.kill()
+        app.wait()
+    assert not wait_gone(started_pids(tmp_path))
+    assert not my_children()
