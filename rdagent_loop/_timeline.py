@@ -1,0 +1,312 @@
+"""A Gantt chart of a session as a self-contained SVG: where the time went, at a glance.
+
+One row per loop, one bar per finished step, coloured by step; failed steps (skip errors)
+are hatched and outlined in red. The header says how the time split between the steps.
+Long idle stretches (a run stopped and resumed the next day) are cut out of the time axis
+and marked, so the work stays readable. Rows shrink to a few pixels for hundreds of loops;
+hovering a bar shows its loop, step, duration and error. Written by hand: no plotting
+library needed, and nothing outside the file is referenced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from html import escape
+
+from ._inspect import SessionReport
+
+# Paul Tol's "bright" scheme (colour-blind safe) without its red, which marks failures
+PALETTE = ("#4477AA", "#66CCEE", "#228833", "#CCBB44", "#AA3377", "#BBBBBB", "#225588", "#997700")
+FAIL = "#D62728"
+FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    loop_idx: int
+    step_idx: int
+    step_name: str
+    start: float  # seconds since the first step started
+    end: float
+    error: str | None
+    output: str
+
+
+def format_seconds(seconds: float) -> str:
+    """``0.42s``, ``12s``, ``3m 05s``, ``2h 10m``: short, and exact enough to compare."""
+    if seconds < 10:
+        return f"{seconds:.2f}s" if seconds < 1 else f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
+    return f"{int(seconds // 86400)}d {int(seconds % 86400 // 3600):02d}h"
+
+
+def bars_of(report: SessionReport) -> tuple[list[Bar], datetime | None]:
+    starts = [s.started_at for row in report.loops for s in row.steps if s.started_at]
+    if not starts:
+        return [], None
+    t0 = min(starts)
+    bars = []
+    for row in report.loops:
+        for s in row.steps:
+            if s.started_at is None or s.ended_at is None:
+                continue
+            bars.append(
+                Bar(
+                    row.loop_idx,
+                    s.step_idx,
+                    s.step_name,
+                    (s.started_at - t0).total_seconds(),
+                    (s.ended_at - t0).total_seconds(),
+                    s.error,
+                    s.output,
+                )
+            )
+    return bars, t0
+
+
+class _Axis:
+    """Maps seconds to x, with long idle gaps cut down to a fixed width."""
+
+    GAP_PX = 26.0
+
+    def __init__(self, bars: list[Bar], x0: float, x1: float) -> None:
+        blocks: list[list[float]] = []
+        for b in sorted(bars, key=lambda b: b.start):
+            if blocks and b.start <= blocks[-1][1]:
+                blocks[-1][1] = max(blocks[-1][1], b.end)
+            else:
+                blocks.append([b.start, b.end])
+        span = (blocks[-1][1] - blocks[0][0]) if blocks else 1.0
+        active = sum(e - s for s, e in blocks)
+        threshold = max(2.0, 0.25 * active)
+        self.gaps = [
+            (blocks[i][1], blocks[i + 1][0])
+            for i in range(len(blocks) - 1)
+            if blocks[i + 1][0] - blocks[i][1] > threshold
+        ]
+        shown = max(span - sum(e - s for s, e in self.gaps), 1e-6)
+        self.scale = max((x1 - x0) - self.GAP_PX * len(self.gaps), 50.0) / shown
+        self.x0 = x0
+        self.t_end = blocks[-1][1] if blocks else 1.0
+
+    def x(self, t: float) -> float:
+        x = self.x0
+        last = 0.0
+        for start, end in self.gaps:
+            if t <= start:
+                break
+            if t < end:  # inside a gap: squeeze proportionally
+                return x + (start - last) * self.scale + self.GAP_PX * (t - start) / (end - start)
+            x += (start - last) * self.scale + self.GAP_PX
+            last = end
+        return x + (t - last) * self.scale
+
+    def in_gap(self, t: float) -> bool:
+        return any(start < t < end for start, end in self.gaps)
+
+    @property
+    def shown_seconds(self) -> float:
+        return self.t_end - sum(e - s for s, e in self.gaps)
+
+
+def _nice_step(seconds: float, ticks: int) -> float:
+    raw = max(seconds / max(ticks, 1), 1e-3)
+    for unit in (0.001, 0.01, 0.1, 1, 10, 60, 600, 3600, 36000, 86400):
+        for mult in (1, 2, 5):
+            if unit * mult >= raw and not (unit == 10 and mult == 5):
+                return unit * mult
+    return raw
+
+
+def _tick_label(seconds: float, step: float) -> str:
+    if step < 1:
+        return f"{seconds:.{max(0, -math.floor(math.log10(step)))}f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        m, s = divmod(round(seconds), 60)
+        return f"{m}m" if s == 0 else f"{m}m{s:02d}s"
+    h, rest = divmod(round(seconds), 3600)
+    return f"{h}h" if rest == 0 else f"{h}h{rest // 60:02d}m"
+
+
+def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = None) -> str:
+    """The timeline of ``report`` as an SVG document."""
+    bars, t0 = bars_of(report)
+    steps = list(report.steps) or sorted({b.step_name for b in bars})
+    colour = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(steps)}
+    loops = [row.loop_idx for row in report.loops if any(s.started_at for s in row.steps)]
+    unfinished = {row.loop_idx for row in report.loops if row.status != "finished"}
+    row_of = {li: i for i, li in enumerate(loops)}
+    n_rows = max(len(loops), 1)
+
+    # vertical layout: rows shrink with the number of loops, down to 3 px
+    row_h = max(3.0, min(22.0, 720.0 / n_rows))
+    left, right = 78.0, 24.0
+    plot_w = width - left - right
+
+    # the header: title, totals, and a legend that says where the time went
+    per_step: dict[str, float] = defaultdict(float)
+    for b in bars:
+        per_step[b.step_name] += b.end - b.start
+    busy = sum(per_step.values()) or 1.0
+    failed = sum(1 for b in bars if b.error)
+    wall = max((b.end for b in bars), default=0.0)
+    legend: list[tuple[str, str, str]] = [
+        (colour[name], name, f"{per_step[name] / busy:.0%} · {format_seconds(per_step[name])}")
+        for name in steps
+    ]
+    legend_rows: list[list[tuple[float, tuple[str, str, str]]]] = [[]]
+    x = left
+    for item in legend:
+        w = 26 + 7.2 * (len(item[1]) + len(item[2]) + 1) + 18
+        if x + w > width - right and legend_rows[-1]:
+            legend_rows.append([])
+            x = left
+        legend_rows[-1].append((x, item))
+        x += w
+    top = 62.0 + 20.0 * len(legend_rows) + 14.0
+    height = int(top + n_rows * row_h + 46)
+
+    axis = _Axis(bars, left, left + plot_w)
+    out: list[str] = []
+    add = out.append
+    add(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="{FONT}" font-size="12">'
+    )
+    add(
+        "<defs>"
+        '<pattern id="fail-hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
+        'patternTransform="rotate(45)">'
+        f'<rect width="6" height="6" fill="{FAIL}" fill-opacity="0.25"/>'
+        f'<line x1="0" y1="0" x2="0" y2="6" stroke="{FAIL}" stroke-width="3"/></pattern>'
+        "</defs>"
+    )
+    add(f'<rect width="{width}" height="{height}" fill="#ffffff"/>')
+    name = title or f"{report.loop_class or 'session'} — {report.trace_path.name}"
+    add(
+        f'<text x="{left}" y="24" font-size="16" font-weight="bold" fill="#222">'
+        f"{escape(name)}</text>"
+    )
+    started = t0.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t0 else "never"
+    stats = (
+        f"{len(loops)} loops · {len(bars)} steps · {format_seconds(wall)} from first to last step"
+        f" (started {started}) · {format_seconds(busy)} of step time"
+    )
+    if axis.gaps:
+        stats += f" · {len(axis.gaps)} idle gap{'s' if len(axis.gaps) > 1 else ''} cut out"
+    add(f'<text x="{left}" y="44" fill="#444">{escape(stats)}</text>')
+    ly = 64.0
+    for legend_row in legend_rows:
+        for lx, (fill, step_name, share) in legend_row:
+            add(
+                f'<rect x="{lx:.1f}" y="{ly - 10:.1f}" width="18" height="12" rx="2" '
+                f'fill="{fill}"/>'
+            )
+            add(
+                f'<text x="{lx + 24:.1f}" y="{ly:.1f}"><tspan font-weight="bold">'
+                f"{escape(step_name)}"
+                f'</tspan> <tspan fill="#555">{escape(share)}</tspan></text>'
+            )
+        ly += 20.0
+    fx = left + plot_w - 150
+    add(
+        f'<rect x="{fx:.1f}" y="{ly - 30:.1f}" width="18" height="12" fill="url(#fail-hatch)" '
+        f'stroke="{FAIL}" stroke-width="1.5"/>'
+    )
+    add(f'<text x="{fx + 24:.1f}" y="{ly - 20:.1f}" fill="{FAIL}">failed: {failed}</text>')
+
+    plot_h = n_rows * row_h
+    # zebra stripes and row labels (every k-th row when rows are thin)
+    every = next(k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10**9) if k * row_h >= 13)
+    for li, i in row_of.items():
+        y = top + i * row_h
+        if i % 2 == 0:
+            add(
+                f'<rect x="{left}" y="{y:.2f}" width="{plot_w:.1f}" height="{row_h:.2f}" '
+                f'fill="#f4f6f8"/>'
+            )
+        if li % every == 0:
+            mark = " …" if li in unfinished else ""
+            add(
+                f'<text x="{left - 8}" y="{y + row_h / 2 + 4:.2f}" text-anchor="end" '
+                f'font-size="{min(12.0, max(9.0, row_h - 2)):.0f}" fill="#333">'
+                f"loop {li}{mark}</text>"
+            )
+    # the time axis: gridlines and labels, none inside a cut-out gap
+    step = _nice_step(axis.shown_seconds, int(plot_w // 110))
+    last_label = -1e9
+    t = 0.0
+    while t <= axis.t_end + 1e-9 and t / step < 10_000:
+        if not axis.in_gap(t):
+            gx = axis.x(t)
+            add(
+                f'<line x1="{gx:.1f}" y1="{top:.1f}" x2="{gx:.1f}" y2="{top + plot_h:.1f}" '
+                f'stroke="#dde1e6"/>'
+            )
+            if gx - last_label > 60:
+                add(
+                    f'<text x="{gx:.1f}" y="{top + plot_h + 18:.1f}" text-anchor="middle" '
+                    f'fill="#444">{_tick_label(t, step)}</text>'
+                )
+                last_label = gx
+        t += step
+    add(
+        f'<line x1="{left}" y1="{top + plot_h:.1f}" x2="{left + plot_w:.1f}" '
+        f'y2="{top + plot_h:.1f}" stroke="#888"/>'
+    )
+    add(
+        f'<text x="{left + plot_w:.1f}" y="{top + plot_h + 36:.1f}" text-anchor="end" '
+        f'fill="#666">time since the first step</text>'
+    )
+    for start, end in axis.gaps:
+        gx = axis.x(start)
+        add(
+            f'<rect x="{gx:.1f}" y="{top - 4:.1f}" width="{_Axis.GAP_PX:.1f}" '
+            f'height="{plot_h + 8:.1f}" '
+            f'fill="#ffffff" stroke="#999" stroke-dasharray="3,3"/>'
+        )
+        add(
+            f'<text x="{gx + _Axis.GAP_PX / 2:.1f}" y="{top - 8:.1f}" text-anchor="middle" '
+            f'font-size="10" fill="#666">idle {escape(format_seconds(end - start))}</text>'
+        )
+    # the bars
+    pad = max(0.5, row_h * 0.12)
+    for b in bars:
+        x0, x1 = axis.x(b.start), axis.x(b.end)
+        y = top + row_of[b.loop_idx] * row_h + pad
+        h = row_h - 2 * pad
+        w = max(x1 - x0, 1.0)
+        tip = f"loop {b.loop_idx} · {b.step_name} · {format_seconds(b.end - b.start)}"
+        if b.error:
+            tip += f"\nfailed: {b.error}"
+        elif b.output:
+            tip += f"\n{b.output}"
+        add(f"<g><title>{escape(tip)}</title>")
+        add(
+            f'<rect x="{x0:.2f}" y="{y:.2f}" width="{w:.2f}" height="{h:.2f}" '
+            f'fill="{colour.get(b.step_name, "#888")}"/>'
+        )
+        if b.error:
+            add(
+                f'<rect x="{x0:.2f}" y="{y:.2f}" width="{max(w, 3.0):.2f}" height="{h:.2f}" '
+                f'fill="url(#fail-hatch)" stroke="{FAIL}" stroke-width="1.5"/>'
+            )
+        add("</g>")
+    if not bars:
+        add(
+            f'<text x="{left + plot_w / 2:.1f}" y="{top + 20:.1f}" text-anchor="middle" '
+            'fill="#666">'
+            "no finished step yet</text>"
+        )
+    add("</svg>")
+    return "\n".join(out) + "\n"
