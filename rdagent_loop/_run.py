@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from ._loop import LoopBase
 
 
-
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -114,7 +114,9 @@ async def test_pool_survives_generations(tmp_path):
         outputs = [r async for r in results]
     assert (tmp_path / "withdrawn").exists()
     workers = {r.output for r in outputs if r.step_name in ("s1", "s2")}
-    assert len(workers) <= 2
+    # the pool is not started again for the new generation; the withdraw may have killed
+    # (and so replaced) the one worker whose step was in flight beside the failing one
+    assert len(workers) <= 3
     assert sorted(li for li, steps in loop.step_idx.items() if steps == 4) == [0, 1, 2, 3]
 
 

@@ -127,9 +127,16 @@ async def test_a_damaged_chunk_is_caught_by_its_hash(settings: LoopSettings) -> 
     newest = list_snapshots(loop.session_folder)[-1].path
     with pytest.raises(SnapshotError, match="does not match its hash"):
         Chain.load(newest)
-    assert not any(i.valid for i in list_snapshots(loop.session_folder, deep=True))
-    with pytest.warns(SnapshotWarning), pytest.raises(FileNotFoundError, match="no valid"):
-        Chain.load(loop.session_folder)
+    infos = list_snapshots(loop.session_folder, deep=True)
+    assert not infos[-1].valid
+    valid = [i for i in infos if i.valid]  # early snapshots may hold all their bytes inline
+    with pytest.warns(SnapshotWarning):
+        if valid:
+            resumed = Chain.load(loop.session_folder)
+            assert resumed.step_idx[0] == valid[-1].step_idx + 1
+        else:
+            with pytest.raises(FileNotFoundError, match="no valid"):
+                Chain.load(loop.session_folder)
 
 
 def test_no_snapshot_at_all_is_a_file_not_found_error_naming_the_folder(tmp_path: Path) -> None:
