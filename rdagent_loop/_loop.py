@@ -214,7 +214,7 @@ class LoopBase(metaclass=LoopMeta):
                 _session.SnapshotJob(None, "", None, None, settings.durability, None, outputs).run()
             raise
         writer = getattr(self._run_state, "snapshot_writer", None)
-        if writer is None or not writer.submit(job):
+        if writer is None or _session.write_inline(writer, job) or not writer.submit(job):
             job.run()
 
     @classmethod

@@ -130,13 +130,13 @@ async def test_a_damaged_chunk_is_caught_by_its_hash(settings: LoopSettings) -> 
     infos = list_snapshots(loop.session_folder, deep=True)
     assert not infos[-1].valid
     valid = [i for i in infos if i.valid]  # early snapshots may hold all their bytes inline
-    with pytest.warns(SnapshotWarning):
-        if valid:
+    if valid:
+        with pytest.warns(SnapshotWarning):
             resumed = Chain.load(loop.session_folder)
-            assert resumed.step_idx[0] == valid[-1].step_idx + 1
-        else:
-            with pytest.raises(FileNotFoundError, match="no valid"):
-                Chain.load(loop.session_folder)
+        assert resumed.step_idx[0] == valid[-1].step_idx + 1
+    else:
+        with pytest.warns(SnapshotWarning), pytest.raises(FileNotFoundError, match="no valid"):
+            Chain.load(loop.session_folder)
 
 
 def test_no_snapshot_at_all_is_a_file_not_found_error_naming_the_folder(tmp_path: Path) -> None:
