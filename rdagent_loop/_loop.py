@@ -214,7 +214,7 @@ class LoopBase(metaclass=LoopMeta):
                 _session.SnapshotJob(None, "", None, None, settings.durability, None, outputs).run()
             raise
         writer = getattr(self._run_state, "snapshot_writer", None)
-        if writer is None or _session.write_inline(writer, job) or not writer.submit(job):
+        if writer is None or not writer.submit(job):
             job.run()
 
     @classmethod
@@ -235,7 +235,8 @@ class LoopBase(metaclass=LoopMeta):
         ``<path>/__session__`` and leaves the old folder as it is. ``replace_timer=True``
         keeps the remaining time of ``all_duration``; ``False`` starts with a fresh timer.
         """
-        path = Path(path)
+        # absolute: steps that change the working directory must still find the session
+        path = Path(path).absolute()
         if not path.exists():
             raise FileNotFoundError(f"no snapshot or session folder at {path}")
         given = settings if settings is not None else LoopSettings()

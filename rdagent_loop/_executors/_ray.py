@@ -16,6 +16,7 @@ off: the engine's ``retries`` policy decides.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from types import ModuleType
@@ -40,10 +41,9 @@ def check_ray_installed() -> None:
 
 def import_ray() -> ModuleType:
     try:
-        import ray
+        return importlib.import_module("ray")  # a ModuleType whether or not Ray is installed
     except ImportError as exc:
         raise ImportError(_MISSING, name="ray") from exc
-    return ray
 
 
 def _run_shipped_step(payload: bytes) -> Any:

@@ -34,7 +34,7 @@ from ._listing import (
     truncate_after,
 )
 from ._reader import Snapshot, newest_valid, read_snapshot
-from ._writer import SnapshotWriter, WriterStatistics, write_inline
+from ._writer import SnapshotWriter, WriterStatistics
 
 __all__ = (
     "ChunkIndex",
@@ -60,6 +60,5 @@ __all__ = (
     "store_for",
     "truncate_after",
     "write_atomic",
-    "write_inline",
     "write_outputs",
 )

@@ -167,20 +167,3 @@ class SnapshotWriter:
                 with self._cond:
                     self._cond.notify_all()
 
-
-# A small snapshot without fsync costs less to write than handing it to the writer thread:
-# that thread drops the GIL at every system call and then makes the event loop wait for it.
-INLINE_LIMIT = 256 * 1024
-
-
-def write_inline(writer: SnapshotWriter, job: SnapshotJob) -> bool:
-    """Whether ``job`` should be written right here, on the caller's thread.
-
-    Only small jobs without fsync, and only while the writer has nothing queued (so the
-    order of writing, and of chunk files before the snapshots that use them, holds).
-    """
-    return (
-        job.durability == "flush"
-        and job.nbytes <= INLINE_LIMIT
-        and writer.statistics().jobs_pending == 0
-    )

@@ -286,6 +286,7 @@ async def test_consumer_leaving_kills_in_flight_process_steps(tmp_path):
 
 INTERRUPTED_APP = textwrap.dedent(
     """
+    import signal
     import sys
     from pathlib import Path
 
@@ -294,6 +295,8 @@ INTERRUPTED_APP = textwrap.dedent(
     from executor_helpers import settings_for
 
     if __name__ == "__main__":
+        # a shell that started us in the background may have set SIGINT to "ignore"
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         backend, folder = sys.argv[1], Path(sys.argv[2])
         loop = Spawner(settings_for(folder, step_semaphore=2, save_snapshots=False), folder)
         try:

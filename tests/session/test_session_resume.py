@@ -311,3 +311,14 @@ async def test_snapshots_are_written_off_the_event_loop_thread(settings: LoopSet
     assert threading.current_thread().name not in writers
     assert not [t for t in threading.enumerate() if t.name == "rdagent-loop-snapshots"]
     assert os.getpid()
+
+
+async def test_a_session_loaded_by_a_relative_path_continues_in_an_absolute_folder(
+    settings: LoopSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = Chain(settings)
+    await loop.run(loop_n=1)
+    monkeypatch.chdir(loop.session_folder.parent.parent)
+    resumed = Chain.load(Path(loop.session_folder.parent.name))
+    assert resumed.session_folder.is_absolute()
+    assert resumed.session_folder == loop.session_folder
