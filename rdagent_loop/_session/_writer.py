@@ -166,4 +166,3 @@ class SnapshotWriter:
             if self._waiting:
                 with self._cond:
                     self._cond.notify_all()
-
