@@ -61,6 +61,12 @@ class StepRunner:
         return self.choice[name]
 
     async def __aenter__(self) -> StepRunner:
+        if "process" in self.choice.values() and "process" not in self._given:
+            from ._process import ProcessExecutor
+
+            pool = self._executor("process")
+            if isinstance(pool, ProcessExecutor):
+                pool.prestart()
         return self
 
     async def __aexit__(

@@ -275,6 +275,12 @@ class ProcessExecutor:
             self._steps += 1
         return _wire.decode_reply(reply)
 
+    def prestart(self) -> None:
+        """Start the workers now (the run is starting), so they import while the first,
+        inline steps run instead of when the first process step needs them."""
+        if self._busy == 0 and not self._idle:
+            self._fill()
+
     def _fill(self) -> None:
         """Start every missing worker at once, so they import in parallel, not one by one
         as the steps of a ramping-up run come to need them."""
