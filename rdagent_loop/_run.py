@@ -89,7 +89,7 @@ class RunState:
             self.limiters[name] = anyio.Semaphore(limit or self.settings.step_limit(name))
         self.budget = StepBudget(None)
         self.steps_completed = 0
-        self.loops_completed = 0
+        self.finished_loops: set[int] = set()  # finished in this run (and not rolled back)
         self.running: Counter[str] = Counter()
         self.peak_running: Counter[str] = Counter()
         self.in_flight = 0
@@ -130,7 +130,7 @@ class RunState:
     def statistics(self) -> RunStatistics:
         return RunStatistics(
             steps_completed=self.steps_completed,
-            loops_completed=self.loops_completed,
+            loops_completed=len(self.finished_loops),
             loops_in_flight=len(self.unfinished),
             steps_running=dict(self.running),
             peak_steps_running=dict(self.peak_running),
@@ -171,7 +171,7 @@ class RunState:
         if error is not None:
             raise error
         assert self.stop_reason is not None
-        summary = RunSummary(self.steps_completed, self.loops_completed, self.stop_reason)
+        summary = RunSummary(self.steps_completed, len(self.finished_loops), self.stop_reason)
         log.info("run ended: %s", summary)
         return summary
 
@@ -283,6 +283,8 @@ class RunState:
                     if not await self._run_step(li):
                         return
                     if loop.step_idx.get(li, 0) < n:
+                        if self._gen_scope.cancel_called:
+                            return  # the executors are stopping (or gone): so is this generation
                         exec_send.send_nowait(li)
         except Exception as exc:  # a bug of ours: report it like a step error
             self._fail(exc)
@@ -444,7 +446,7 @@ class RunState:
         self.steps_completed += 1
         if next_si >= n:
             self.unfinished.discard(li)
-            self.loops_completed += 1
+            self.finished_loops.add(li)
             self._notify_loop_finished()
             self.progress.loop_finished(li)
         if self.settings.save_snapshots:
@@ -548,6 +550,8 @@ class RunState:
         state.update(kept)
         loop.__dict__.clear()
         loop.__dict__.update(state)
+        n = len(loop.steps)
+        self.finished_loops = {i for i in self.finished_loops if loop.step_idx.get(i, 0) >= n}
         if base is not None:
             # make the restored state the newest snapshot, so a crash now resumes from it
             loop.dump(loop.session_folder / base)

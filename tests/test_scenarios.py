@@ -122,8 +122,8 @@ class WithdrawOnce(Chain):
     done = False
 
     async def s2(self, prev_out: dict[str, Any]) -> str:
-        if prev_out[self.LOOP_IDX_KEY] == 1 and not hasattr(WithdrawOnce, "done"):
-            WithdrawOnce.done = True  # type: ignore[attr-defined]
+        if prev_out[self.LOOP_IDX_KEY] == 1 and not WithdrawOnce.done:
+            WithdrawOnce.done = True
             raise PolicyError("bad proposal")
         return await super().s2(prev_out)
 
@@ -448,9 +448,11 @@ async def test_17_async_steps_run_in_parallel(settings: LoopSettings) -> None:
 
 async def test_withdraw_rolls_back_and_the_run_goes_on(settings: LoopSettings) -> None:
     WithdrawOnce.done = False
-    loop = WithdrawOnce(settings)
+    loop = WithdrawOnce(with_(settings, step_semaphore=2))
     summary = await loop.run(loop_n=3)
+    assert WithdrawOnce.done
     assert summary.reason == "loop_n"
+    assert summary.loops == 3  # a loop finished, rolled back and finished again counts once
     assert all(loop.step_idx[li] == 4 for li in range(3))
     # loop 1 was rolled back to before its first step and run again
     assert loop.executed.count((1, "s0")) == 1  # the restored state forgot the first try
