@@ -6,10 +6,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ExecutorName = Literal["inline", "thread", "process", "ray"]
+
+
+class StepResources(BaseModel):
+    """What one step asks a Ray cluster for (``@step(...)`` wins field by field)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_cpus: NonNegativeFloat | None = None
+    num_gpus: NonNegativeFloat | None = None
+    memory: int | None = Field(default=None, ge=0)
+    resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
 
 
 def _default_trace_path() -> Path:
@@ -70,6 +81,10 @@ class LoopSettings(BaseSettings):
 
     ray_address: str | None = None
     """Address of an existing Ray cluster for the ``ray`` executor (``None``: start a local one)."""
+
+    step_resources: dict[str, StepResources] = Field(default_factory=dict)
+    """Per step name, what the ``ray`` executor asks the cluster for, e.g.
+    ``RDAGENT_LOOP_STEP_RESOURCES='{"running": {"num_gpus": 1}}'``."""
 
     process_workers: int | None = None
     """Size of the process pool (default: ``max_parallel``)."""

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 from .._compat import add_note
-from .._settings import LoopSettings
+from .._settings import LoopSettings, StepResources
 from ._base import StepCall
 from ._wire import RemoteTraceback
 
@@ -57,6 +57,7 @@ def _run_shipped_step(payload: bytes) -> Any:
 class RayExecutor:
     def __init__(self, settings: LoopSettings) -> None:
         self._address = settings.ray_address
+        self._resources = settings.step_resources
         self._num_cpus = max(os.cpu_count() or 1, settings.max_parallel)
         self._ray: ModuleType | None = None
         self._task: Any = None
@@ -90,7 +91,9 @@ class RayExecutor:
         except Exception as exc:
             add_note(exc, f"while sending {call.describe()} to Ray: self and prev_out must pickle")
             raise
-        ref = self._task.options(**_task_options(call)).remote(payload)
+        ref = self._task.options(**task_options(call, self._resources.get(call.name))).remote(
+            payload
+        )
         del payload
         try:
             return await anyio.to_thread.run_sync(ray.get, ref, abandon_on_cancel=True)
@@ -114,19 +117,22 @@ class RayExecutor:
                 await anyio.to_thread.run_sync(ray.shutdown)
 
 
-def _task_options(call: StepCall) -> dict[str, Any]:
+def task_options(call: StepCall, configured: StepResources | None = None) -> dict[str, Any]:
+    """Ray task options of a step: ``@step(...)`` first, then ``LoopSettings.step_resources``."""
     options = call.options
+    fallback = configured or StepResources()
     task: dict[str, Any] = {
         "name": f"{call.name}[loop {call.loop_idx}]",
         "max_retries": 0,
         "retry_exceptions": False,
     }
-    if options.num_cpus is not None:
-        task["num_cpus"] = options.num_cpus
-    if options.num_gpus is not None:
-        task["num_gpus"] = options.num_gpus
-    if options.memory is not None:
-        task["memory"] = options.memory
-    if options.resources:
-        task["resources"] = dict(options.resources)
+    for field in ("num_cpus", "num_gpus", "memory"):
+        value = getattr(options, field)
+        if value is None:
+            value = getattr(fallback, field)
+        if value is not None:
+            task[field] = value
+    resources = {**fallback.resources, **(options.resources or {})}
+    if resources:
+        task["resources"] = resources
     return task
