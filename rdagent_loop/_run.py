@@ -34,7 +34,6 @@ from ._logging import log, step_context
 from ._progress import make_progress
 from ._results import LoopTrace, RunSummary, StepResult, StopReason
 from ._session import SnapshotWriter
-from ._steps import step_options
 
 if TYPE_CHECKING:
     from ._loop import LoopBase
@@ -83,10 +82,8 @@ class RunState:
         self._loop_n_arg = loop_n
         self._all_duration = all_duration
         self.max_parallel = self.settings.max_parallel
-        self.limiters: dict[str, anyio.Semaphore] = {}
-        for name in loop.steps:
-            limit = step_options(getattr(type(loop), name)).limit
-            self.limiters[name] = anyio.Semaphore(limit or self.settings.step_limit(name))
+        self.runner = StepRunner(loop)
+        self.limiters = {name: anyio.Semaphore(self.runner.limit_of(name)) for name in loop.steps}
         self.budget = StepBudget(None)
         self.steps_completed = 0
         self.finished_loops: set[int] = set()  # finished in this run (and not rolled back)
@@ -109,7 +106,6 @@ class RunState:
         self._gen_scope = anyio.CancelScope()
         self._run_scope = anyio.CancelScope()
         self._grace_scope: anyio.CancelScope | None = None
-        self.runner = StepRunner(loop)
         self.snapshot_writer = SnapshotWriter()  # loop.dump() hands it the bytes to write
         self.progress = make_progress(loop, step_n=step_n, loop_n=loop_n)
 
@@ -366,13 +362,9 @@ class RunState:
         self, li: int, si: int, name: str
     ) -> tuple[Any, int, tuple[BaseException, ...]]:
         """Call the step with its timeout and retry policies; return output, attempts, errors."""
-        options = step_options(getattr(type(self.loop), name))
-        timeout = options.timeout if options.timeout is not None else None
-        if timeout is None:
-            timeout = self.settings.timeout_for(name)
-        retries = options.retries if options.retries is not None else None
-        if retries is None:
-            retries = self.settings.retries_for(name)
+        options = self.runner.options[name]  # the decorator wins over the settings
+        timeout = self.settings.timeout_for(name) if options.timeout is None else options.timeout
+        retries = self.settings.retries_for(name) if options.retries is None else options.retries
         retried: list[BaseException] = []
         prev_out = self.loop.loop_prev_out[li]
         while True:

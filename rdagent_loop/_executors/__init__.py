@@ -105,7 +105,7 @@ class StepRunner:
         if kind == "inline":
             return InlineExecutor()
         if kind == "thread":
-            return ThreadExecutor(self._limit_of)
+            return ThreadExecutor(self.limit_of)
         if kind == "process":
             from ._process import ProcessExecutor
 
@@ -114,5 +114,6 @@ class StepRunner:
 
         return RayExecutor(self.settings)
 
-    def _limit_of(self, name: str) -> int:
+    def limit_of(self, name: str) -> int:
+        """How many instances of step ``name`` may run at once (``@step(limit=)`` wins)."""
         return self.options[name].limit or self.settings.step_limit(name)

@@ -23,7 +23,8 @@ from typing import Any
 import anyio
 import trio  # noqa: F401  (imported before forking, like everything the children use)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: looplib
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/session/
 
 from session_loops import CrashLoop
 

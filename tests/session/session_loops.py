@@ -14,38 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import looplib
 
 from rdagent_loop import LoopBase, LoopSettings
 
 
-class Chain(LoopBase):
-    """s0 -> s1 -> s2 -> s3; each step checks its predecessor and logs that it ran."""
-
-    def __init__(self, settings: LoopSettings | None = None, delay: float = 0.0) -> None:
-        super().__init__(settings)
-        self.delay = delay
-        self.executed: list[tuple[int, str]] = []
-
-    async def _step(self, name: str, before: str | None, prev_out: dict[str, Any]) -> str:
-        li = prev_out[self.LOOP_IDX_KEY]
-        if before is not None:
-            assert prev_out[before] == f"{before}@{li}", (name, prev_out)
-        if self.delay:
-            await anyio.sleep(self.delay)
-        self.executed.append((li, name))
-        return f"{name}@{li}"
-
-    async def s0(self, prev_out: dict[str, Any]) -> str:
-        return await self._step("s0", None, prev_out)
-
-    async def s1(self, prev_out: dict[str, Any]) -> str:
-        return await self._step("s1", "s0", prev_out)
-
-    async def s2(self, prev_out: dict[str, Any]) -> str:
-        return await self._step("s2", "s1", prev_out)
-
-    async def s3(self, prev_out: dict[str, Any]) -> str:
-        return await self._step("s3", "s2", prev_out)
+class Chain(looplib.Chain):
+    """s0 -> s1 -> s2 -> s3 (the engine tests' chain), under a name of this module."""
 
 
 class OtherChain(Chain):
