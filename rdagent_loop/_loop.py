@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copyreg
 import logging
 from array import array
 from collections import defaultdict
@@ -15,6 +14,7 @@ from ._errors import LoopResumeError, LoopTerminationError
 from ._finished import FinishedLoops, LoopMap, archive_finished
 from ._results import LoopTrace
 from ._settings import LoopSettings
+from ._step_index import StepIndex
 from ._steps import collect_steps
 
 if TYPE_CHECKING:
@@ -31,12 +31,6 @@ _RUNTIME_ATTRS = frozenset(
 
 # self-contained attributes that rarely change: pickled again only when they do
 _CONSTANT_ATTRS = ("settings", "session_folder", "_finished")
-
-
-def _reduce_trace(trace: LoopTrace) -> tuple[Any, ...]:
-    # a frozen slots dataclass pickles through Python-level __getstate__: slow, and there
-    # is one per completed step of every loop in flight
-    return (LoopTrace, (trace.start, trace.end, trace.step_idx, trace.step_name, trace.exception))
 
 
 # the engine's own attributes, pickled after the user's (see __getstate__)
@@ -105,7 +99,8 @@ class LoopBase(metaclass=LoopMeta):
     def __init__(self, settings: LoopSettings | None = None) -> None:
         self.settings = settings if settings is not None else LoopSettings()
         self.loop_idx = 0  # the loop being kicked off; advances when its first step completes
-        self.step_idx: defaultdict[int, int] = defaultdict(int)  # loop -> next step to run
+        # loop -> next step to run: a defaultdict(int) that pickles fast however many loops
+        self.step_idx: defaultdict[int, int] = StepIndex()
         # finished loops' outputs and traces live on disk, loaded on access (see _finished.py)
         self._finished = FinishedLoops(Path(self.settings.trace_path) / "__session__")
         self.loop_prev_out: LoopMap[dict[str, Any]] = LoopMap(dict, "prev_out", self._finished)
@@ -194,7 +189,8 @@ class LoopBase(metaclass=LoopMeta):
         already: those steps run again on resume. Finished loops' outputs are written once,
         beside their steps, and not again.
         """
-        path = Path(path)
+        if not isinstance(path, Path):
+            path = Path(path)
         settings = self.settings
         outputs = self._archive_finished()
         store = _session.store_for(path)
@@ -207,7 +203,6 @@ class LoopBase(metaclass=LoopMeta):
                 index=None if store is None else self._chunk_index(store),
                 outputs=outputs,
                 constants=self._snapshot_constants(),
-                dispatch={**copyreg.dispatch_table, LoopTrace: _reduce_trace},
             )
         except BaseException:
             if outputs:  # archived already: their files must exist whatever happens here
@@ -301,7 +296,9 @@ class LoopBase(metaclass=LoopMeta):
 
     def _chunk_index(self, store: Path) -> _session.ChunkIndex:
         index = self.__dict__.get("_snapshot_index")
-        if not isinstance(index, _session.ChunkIndex) or index.store != store:
+        if not isinstance(index, _session.ChunkIndex) or (
+            index.store is not store and index.store != store
+        ):
             index = self.__dict__["_snapshot_index"] = _session.ChunkIndex(store)
         return index
 
@@ -332,8 +329,10 @@ class LoopBase(metaclass=LoopMeta):
                 own["_snapshot_unsigned"] = unsigned
             state["settings"] = unsigned[1]
         steps = state.get("step_idx")
-        if isinstance(steps, defaultdict) and list(steps) == list(range(len(steps))):
-            # loops 0..n-1, as always: an array pickles in one piece, however many loops
+        if isinstance(steps, StepIndex):
+            steps.seal(len(self.steps))  # finished loops: packed, pickled as the same pages
+        elif isinstance(steps, defaultdict) and list(steps) == list(range(len(steps))):
+            # a plain defaultdict set by the user, loops 0..n-1: one array, in one piece
             state["step_idx"] = array("q", steps.values())
         return state
 
@@ -342,7 +341,9 @@ class LoopBase(metaclass=LoopMeta):
         self._run_state = None
         steps = state.get("step_idx")
         if isinstance(steps, array):
-            self.step_idx = defaultdict(int, enumerate(steps))
+            self.step_idx = StepIndex(enumerate(steps))
+        elif type(steps) is defaultdict and steps.default_factory is int:
+            self.step_idx = StepIndex(steps)
         archive = state.get("_finished")
         if isinstance(archive, FinishedLoops):
             for name in ("loop_prev_out", "loop_trace"):

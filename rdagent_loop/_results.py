@@ -71,3 +71,8 @@ class LoopTrace:
     step_idx: int
     step_name: str = ""
     exception: str | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a frozen slots dataclass otherwise pickles through a Python-level __getstate__,
+        # and a snapshot holds one of these per completed step of every loop in flight
+        return (LoopTrace, (self.start, self.end, self.step_idx, self.step_name, self.exception))

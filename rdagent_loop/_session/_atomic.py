@@ -8,6 +8,7 @@ is in the page cache once ``write`` returns) but not a power cut.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Iterable
@@ -17,14 +18,26 @@ from typing import Literal
 Durability = Literal["fsync", "flush"]
 
 _names = itertools.count()
+_pid = os.getpid()
 
 
-def _replace(src: str, dst: Path) -> None:
+def _forked() -> None:
+    global _pid, _names
+    _pid, _names = os.getpid(), itertools.count()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _replace(src: str, dst: str) -> None:
     """The rename that publishes a file (a seam for tests that fail between write and rename)."""
     os.replace(src, dst)
 
 
-def fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -49,13 +62,24 @@ def ensure_dir(folder: Path, durability: Durability) -> None:
             fsync_dir(path.parent)
 
 
-def temp_name(folder: Path) -> Path:
-    """A hidden temporary name; no ``_`` in it, so RD-Agent's ``*/*_*`` globs never see it."""
-    return folder / f".tmp-{os.getpid()}-{next(_names)}-{os.urandom(4).hex()}"
+def temp_name(folder: str) -> str:
+    """A hidden temporary name, unique in this process; no ``_`` in it, so RD-Agent's
+    ``*/*_*`` globs never see it. ``O_EXCL`` catches a leftover of a dead process."""
+    return f"{folder}{os.sep}.tmp-{_pid}-{next(_names)}"
+
+
+def _create(folder: str) -> tuple[str, int]:
+    """A new temporary file in ``folder``: its name and an open descriptor."""
+    while True:
+        tmp = temp_name(folder)
+        try:
+            return tmp, os.open(tmp, _FLAGS, 0o644)
+        except FileExistsError:  # left by a crashed process that had our pid: next name
+            continue
 
 
 def write_atomic(
-    path: Path,
+    path: str | Path,
     parts: Iterable[bytes | memoryview],
     durability: Durability,
     *,
@@ -65,17 +89,18 @@ def write_atomic(
     """Write the concatenation of ``parts`` to ``path`` atomically; return the bytes written.
 
     ``sync_dir=False`` leaves the folder's fsync to the caller (one for many files);
-    ``make_dir=True`` creates the folder if it is missing.
+    ``make_dir=True`` creates the folder if it is missing. Strings, not ``Path`` objects,
+    inside: this runs once per snapshot, and every system call here hands the GIL over.
     """
-    tmp = temp_name(path.parent)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    target = os.fspath(path)
+    folder = os.path.dirname(target) or os.curdir
     try:
-        fd = os.open(tmp, flags, 0o644)
+        tmp, fd = _create(folder)
     except FileNotFoundError:
         if not make_dir:
             raise
-        ensure_dir(path.parent, durability)
-        fd = os.open(tmp, flags, 0o644)
+        ensure_dir(Path(folder), durability)
+        tmp, fd = _create(folder)
     written = 0
     try:
         try:
@@ -89,10 +114,11 @@ def write_atomic(
                 os.fsync(fd)
         finally:
             os.close(fd)
-        _replace(str(tmp), path)
+        _replace(tmp, target)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     if durability == "fsync" and sync_dir:
-        fsync_dir(path.parent)
+        fsync_dir(folder)
     return written

@@ -17,8 +17,9 @@ taken again (``CAPTURE_ATTEMPTS`` times in all).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
-import json
 import os
 import pickle
 import re
@@ -34,11 +35,10 @@ from typing import Any, TypeVar
 
 from .._errors import SnapshotError
 from ._atomic import Durability, fsync_dir, write_atomic
-from ._chunks import INLINE_MAX, STORE_NAME, ChunkIndex, sha256
-from ._format import clock, encode_header, qualified_name, read_body, read_header
+from ._chunks import INLINE_MAX, SEGMENT_MIN, STORE_NAME, ChunkIndex
+from ._format import clock, encode_header, json_string, qualified_name, read_body, read_header
 
 PROTOCOL = 5
-_JSON = json.JSONEncoder(separators=(",", ":"))
 CAPTURE_ATTEMPTS = 3
 QUIET_INTERVAL = 0.1  # seconds another thread may wait for the GIL during a capture
 
@@ -118,21 +118,17 @@ Constants = dict[str, tuple[Any, Any, bytes]]
 """Attribute name -> (object, its ``snapshot_version``, its pickle) of the last snapshot."""
 
 
-def pickle_state(
-    state: Any, constants: Constants | None = None, dispatch: dict[type, Any] | None = None
-) -> Captured:
+def pickle_state(state: Any, constants: Constants | None = None) -> Captured:
     """Pickle ``state`` (usually ``obj.__getstate__()``) into segments, one per attribute.
 
     Attributes named in ``constants`` are self-contained values that change rarely (the
     settings, a path, the archive of finished loops): each is pickled on its own, and its
     bytes are reused while it is the same object with the same ``snapshot_version``. Every
     other attribute continues one pickler's memo, so objects shared between attributes stay
-    shared. ``dispatch`` is the pickler's ``dispatch_table`` (faster reducers).
+    shared.
     """
     out = io.BytesIO()
     pickler = pickle.Pickler(out, protocol=PROTOCOL)
-    if dispatch is not None:
-        pickler.dispatch_table = dispatch
     segments = []
     if isinstance(state, dict) and all(isinstance(k, str) for k in state):
         for name, value in state.items():
@@ -184,15 +180,18 @@ class JobStatistics:
     seconds: float
 
 
-def store_for(path: Path) -> Path | None:
+def store_for(path: str | Path) -> Path | None:
     """The chunk store of a snapshot at ``path``: its session's, if ``path`` follows RD-Agent's
     layout ``<session>/<loop>/<step>_<name>``; else None (the snapshot holds all its bytes)."""
     folder, _, name = os.path.normpath(path).rpartition(os.sep)  # pathlib is slow here
-    session, _, loop = folder.rpartition(os.sep)
     step, sep, _ = name.partition("_")
-    if sep and step.isdigit() and loop.isdigit():
-        return Path(session, STORE_NAME)
-    return None
+    return _store_of(folder) if sep and step.isdigit() else None
+
+
+@functools.lru_cache(maxsize=64)
+def _store_of(loop_folder: str) -> Path | None:
+    session, _, loop = loop_folder.rpartition(os.sep)
+    return Path(session, STORE_NAME) if loop.isdigit() else None
 
 
 @dataclass
@@ -224,51 +223,63 @@ class SnapshotJob:
         if self.path is not None and self.captured is not None:
             if self.index is not None:
                 with self.index.lock:
-                    body, new, reused, chunk_bytes = self._body(self.index)
+                    manifest, inline, new, reused, chunk_bytes = self._body(self.index)
                 written += chunk_bytes
             else:
-                body, new, reused, _ = self._body(None)
+                manifest, inline, new, reused, _ = self._body(None)
+            digest = hashlib.sha256(manifest)
+            for part in inline:
+                digest.update(part)
+            size = len(manifest) + sum(len(part) for part in inline)
             header = encode_header(
-                "snapshot", self.cls, len(body), sha256(body), self.key, self.written_at
+                "snapshot", self.cls, size, digest.hexdigest(), self.key, self.written_at
             )
             # one write call: each system call hands the GIL to the event loop's thread
-            written += write_atomic(self.path, [header + body], self.durability, make_dir=True)
+            data = b"".join([header, manifest, *inline])
+            written += write_atomic(self.path, [data], self.durability, make_dir=True)
         return JobStatistics(written, new, reused, time.perf_counter() - started)
 
-    def _body(self, index: ChunkIndex | None) -> tuple[bytes, int, int, int]:
+    def _body(self, index: ChunkIndex | None) -> tuple[bytes, list[memoryview], int, int, int]:
         """The manifest line and the inline bytes; new chunks go to the store on the way."""
         captured = self.captured
         assert captured is not None
         assert self.path is not None
         segments: list[str] = []  # JSON, written by hand: this runs for every snapshot
         inline: list[memoryview] = []
+        buffer = captured.buffer
+        all_inline = True
         new = reused = chunk_bytes = 0
-        for i, (name, _, _, own) in enumerate(captured.segments):
-            data = captured.segment(i)
-            pieces: list[str] = []
-            if index is None or len(data) < INLINE_MAX:
-                inline.append(data)
-                pieces.append(f"[{len(data)}]")
-            else:
-                split, unchanged = index.split(name, memoryview(unframe(data)))
-                last = len(split) - 1
-                for n, ((size, digest), view) in enumerate(split):
-                    if digest in index.known:
-                        reused += 1
-                    elif size < INLINE_MAX or (n >= last - 1 and n >= unchanged):
-                        # small, or a new end of the segment (the part most likely to
-                        # change again): kept in this file; stored once it shows up unchanged
-                        inline.append(view)
-                        pieces.append(f"[{size}]")
-                        continue
-                    elif index.ensure(digest, view, self.durability):
-                        new += 1
-                        chunk_bytes += size
-                    else:
-                        reused += 1
-                    pieces.append(f'[{size},"{digest}"]')
+        for name, start, end, own in captured.segments:
             flag = ",1" if own else ""
-            segments.append(f"[{_JSON.encode(name)},[{','.join(pieces)}]{flag}]")
+            if index is None or end - start < SEGMENT_MIN:
+                segments.append(f"[{json_string(name)},[[{end - start}]]{flag}]")
+                if not all_inline:
+                    inline.append(buffer[start:end])
+                continue
+            if all_inline:  # the segments before this one, in one piece
+                inline.append(buffer[:start])
+                all_inline = False
+            pieces: list[str] = []
+            split, unchanged = index.split(name, memoryview(unframe(buffer[start:end])))
+            last = len(split) - 1
+            for n, ((size, digest), view) in enumerate(split):
+                if digest in index.known:
+                    reused += 1
+                elif size < INLINE_MAX or (n >= last - 1 and n >= unchanged):
+                    # small, or a new end of the segment (the part most likely to change
+                    # again): kept in this file; stored once it shows up unchanged
+                    inline.append(view)
+                    pieces.append(f"[{size}]")
+                    continue
+                elif index.ensure(digest, view, self.durability):
+                    new += 1
+                    chunk_bytes += size
+                else:
+                    reused += 1
+                pieces.append(f'[{size},"{digest}"]')
+            segments.append(f"[{json_string(name)},[{','.join(pieces)}]{flag}]")
+        if all_inline:
+            inline.append(buffer)
         if new and self.durability == "fsync" and index is not None:
             fsync_dir(index.store)
         store = "null" if index is None else f'"../{STORE_NAME}"'  # see store_for()
@@ -277,7 +288,7 @@ class SnapshotJob:
             f'{{"protocol":{PROTOCOL},"state":"{state}","store":{store},'
             f'"segments":[{",".join(segments)}]}}\n'
         ).encode()
-        return line + b"".join(inline), new, reused, chunk_bytes
+        return line, inline, new, reused, chunk_bytes
 
 
 def write_outputs(blob: OutputsBlob, durability: Durability, key: bytes | None = None) -> int:
@@ -304,10 +315,9 @@ def make_job(
     index: ChunkIndex | None,
     outputs: list[OutputsBlob],
     constants: Constants | None = None,
-    dispatch: dict[type, Any] | None = None,
 ) -> SnapshotJob:
     """Capture ``obj`` now; the returned job writes it to ``path`` when run."""
-    captured = consistently(lambda: pickle_state(obj.__getstate__(), constants, dispatch))
+    captured = consistently(lambda: pickle_state(obj.__getstate__(), constants))
     return SnapshotJob(
         path=path,
         cls=qualified_name(type(obj)),

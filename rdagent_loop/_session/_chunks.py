@@ -27,6 +27,9 @@ MIN_CHUNK = 16 * 1024
 MAX_CHUNK = 256 * 1024
 INLINE_MAX = 4 * 1024
 """Pieces smaller than this are kept inside the snapshot file instead of the chunk store."""
+SEGMENT_MIN = 64 * 1024
+"""Segments smaller than this are kept whole inside the snapshot file: cutting and hashing
+them at every snapshot costs more than writing them again."""
 
 STORE_NAME = ".chunks"
 TAIL = 64

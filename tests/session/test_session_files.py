@@ -39,6 +39,26 @@ async def ran(settings: LoopSettings, loops: int = 1, cls: type[Chain] = Chain) 
     return loop
 
 
+# -- the header --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [None, b"secret"])
+def test_the_header_line_is_the_canonical_json_its_signature_covers(key: bytes | None) -> None:
+    import json
+
+    from rdagent_loop._session import _format
+
+    header = _format.encode_header("snapshot", "m\u00e9:C", 12, "ab" * 32, key, (123, 4))
+    assert header.startswith(_format.MAGIC) and header.endswith(b"\n")
+    line = header[len(_format.MAGIC) : -1]
+    fields = json.loads(line)
+    assert line == _format._canonical(fields)  # written by hand, checked against the encoder
+    mac = fields.pop("hmac", None)
+    assert (mac is None) == (key is None)
+    if key is not None:
+        assert mac == _format._mac(key, fields)
+
+
 # -- atomic writes --------------------------------------------------------------------------
 
 
@@ -49,7 +69,7 @@ def test_a_failure_between_write_and_rename_leaves_no_file_and_the_previous_one_
     loop.step_idx[0] = 1
     loop.dump(loop.session_folder / "0" / "0_s0")
 
-    def fail(src: str, dst: Path) -> None:
+    def fail(src: str, dst: str) -> None:
         raise OSError("killed between write and rename")
 
     monkeypatch.setattr(atomic, "_replace", fail)
@@ -67,7 +87,7 @@ async def test_a_failed_write_during_a_run_fails_the_run_and_keeps_the_session(
 ) -> None:
     calls = []
 
-    def fail_third(src: str, dst: Path) -> None:
+    def fail_third(src: str, dst: str) -> None:
         calls.append(dst)
         if len(calls) == 3:
             raise OSError("no space left on device")

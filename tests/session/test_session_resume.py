@@ -298,7 +298,7 @@ async def test_snapshots_are_written_off_the_event_loop_thread(settings: LoopSet
 
     real = atomic._replace
 
-    def spy(src: str, dst: Path) -> None:
+    def spy(src: str, dst: str) -> None:
         writers.add(threading.current_thread().name)
         real(src, dst)
 
