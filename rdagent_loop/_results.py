@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import reprlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 StopReason = Literal["loop_n", "step_n", "all_duration", "terminated"]
@@ -74,5 +74,13 @@ class LoopTrace:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # a frozen slots dataclass otherwise pickles through a Python-level __getstate__,
-        # and a snapshot holds one of these per completed step of every loop in flight
-        return (LoopTrace, (self.start, self.end, self.step_idx, self.step_name, self.exception))
+        # and a snapshot holds one of these per completed step of every loop in flight;
+        # UTC times (the engine's) pickle as naive ones, four times faster than aware ones
+        start, end, rest = self.start, self.end, (self.step_idx, self.step_name, self.exception)
+        if start.tzinfo is timezone.utc and end.tzinfo is timezone.utc:
+            return (_utc_trace, (start.replace(tzinfo=None), end.replace(tzinfo=None), *rest))
+        return (LoopTrace, (start, end, *rest))
+
+
+def _utc_trace(start: datetime, end: datetime, *rest: Any) -> LoopTrace:
+    return LoopTrace(start.replace(tzinfo=timezone.utc), end.replace(tzinfo=timezone.utc), *rest)

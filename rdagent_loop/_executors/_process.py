@@ -328,7 +328,7 @@ def _pickle_task(call: StepCall) -> _wire.Chunks:
     are, so a ``thread`` step changing ``self`` meanwhile cannot tear the copy ("dictionary
     changed size during iteration"); try again if one still slipped in."""
     for attempt in range(_PICKLE_ATTEMPTS):
-        with quiet_threads():
+        with quiet_threads:
             try:
                 return _wire.pickle_chunks((call.func, call.prev_out))
             except RuntimeError as exc:

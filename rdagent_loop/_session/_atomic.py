@@ -62,6 +62,19 @@ def ensure_dir(folder: Path, durability: Durability) -> None:
             fsync_dir(path.parent)
 
 
+def _make_dir(folder: str, durability: Durability) -> None:
+    """``ensure_dir``, with the usual case (only the folder itself is missing) first."""
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        ensure_dir(Path(folder), durability)
+        return
+    if durability == "fsync":
+        fsync_dir(os.path.dirname(folder) or os.curdir)
+
+
 def temp_name(folder: str) -> str:
     """A hidden temporary name, unique in this process; no ``_`` in it, so RD-Agent's
     ``*/*_*`` globs never see it. ``O_EXCL`` catches a leftover of a dead process."""
@@ -99,7 +112,7 @@ def write_atomic(
     except FileNotFoundError:
         if not make_dir:
             raise
-        ensure_dir(Path(folder), durability)
+        _make_dir(folder, durability)
         tmp, fd = _create(folder)
     written = 0
     try:

@@ -26,17 +26,15 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .._errors import SnapshotError
 from ._atomic import Durability, fsync_dir, write_atomic
 from ._chunks import INLINE_MAX, SEGMENT_MIN, STORE_NAME, ChunkIndex
-from ._format import clock, encode_header, json_string, qualified_name, read_body, read_header
+from ._format import clock, encode_header, json_string, qualified_name
 
 PROTOCOL = 5
 CAPTURE_ATTEMPTS = 3
@@ -51,27 +49,28 @@ _MUTATED = re.compile(r"(changed|mutated)( size)? during iteration")
 
 
 class _QuietThreads:
-    """Raise ``sys.setswitchinterval`` while any capture runs (re-entrant, thread-safe)."""
+    """Raise ``sys.setswitchinterval`` while any capture runs (re-entrant, thread-safe).
+
+    A plain context manager, not a generator one: it is entered at every snapshot.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._depth = 0
         self._saved = sys.getswitchinterval()
 
-    @contextmanager
-    def __call__(self) -> Iterator[None]:
+    def __enter__(self) -> None:
         with self._lock:
             if self._depth == 0:
                 self._saved = sys.getswitchinterval()
                 sys.setswitchinterval(max(QUIET_INTERVAL, self._saved))
             self._depth += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._depth -= 1
-                if self._depth == 0:
-                    sys.setswitchinterval(self._saved)
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                sys.setswitchinterval(self._saved)
 
 
 quiet_threads = _QuietThreads()
@@ -86,12 +85,12 @@ def consistently(make: Callable[[], T]) -> T:
     token = capturing.set(True)
     try:
         for attempt in range(1, CAPTURE_ATTEMPTS + 1):
-            with quiet_threads():
-                try:
+            try:
+                with quiet_threads:
                     return make()
-                except RuntimeError as exc:
-                    if attempt == CAPTURE_ATTEMPTS or not _MUTATED.search(str(exc)):
-                        raise
+            except RuntimeError as exc:
+                if attempt == CAPTURE_ATTEMPTS or not _MUTATED.search(str(exc)):
+                    raise
         raise AssertionError("unreachable")
     finally:
         capturing.reset(token)
@@ -292,18 +291,15 @@ class SnapshotJob:
 
 
 def write_outputs(blob: OutputsBlob, durability: Durability, key: bytes | None = None) -> int:
-    """Write one finished loop's outputs file, unless the same one is there already."""
-    path = blob.path
-    try:
-        with path.open("rb") as f:
-            header = read_header(f, path, None)
-            if header.kind == "outputs" and header.body_sha256 == blob.digest:
-                read_body(f, path, header)
-                return 0
-    except (OSError, SnapshotError):  # absent or damaged: (re)write it
-        pass
+    """Write one finished loop's outputs file.
+
+    Its name holds its hash, so a file already there under that name has the same bytes,
+    or is damaged: replacing it atomically is right either way, and cheaper than reading
+    it first (this runs for every finished loop).
+    """
+    path = os.path.join(blob.folder, str(blob.loop_idx), f"outputs-{blob.digest[:16]}")
     head = encode_header("outputs", f"loop {blob.loop_idx}", len(blob.data), blob.digest, key)
-    return write_atomic(path, [head, blob.data], durability, make_dir=True)
+    return write_atomic(path, [head + blob.data], durability, make_dir=True)
 
 
 def make_job(
