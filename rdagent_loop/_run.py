@@ -1,10 +1,11 @@
 """The run handle (await / async with / async for) and the engine behind it.
 
 One ``RunState`` per ``run()``. It opens one task group per *generation*: a kickoff task
-that admits loops and runs their first step, and ``max_parallel`` executor tasks that run
-the remaining steps of admitted loops in order. Task bodies never let an exception escape
-into a task group (that would wrap it in an ExceptionGroup): they record the outcome and
-cancel the generation, and the engine raises the error as itself afterwards.
+that admits loops and runs their first step, and up to ``max_parallel`` executor tasks
+(started as loops are handed over) that run the remaining steps of admitted loops in
+order. Task bodies never let an exception escape into a task group (that would wrap it in
+an ExceptionGroup): they record the outcome and cancel the generation, and the engine
+raises the error as itself afterwards.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class RunStatistics:
     steps_running: dict[str, int]
     peak_steps_running: dict[str, int]
     results_pending: int
+    executors: int = 0
+    """Executor tasks the current generation has started: one per loop handed over while
+    none was free, at most ``max_parallel``."""
 
 
 @dataclass
@@ -104,6 +108,11 @@ class RunState:
         self._room = anyio.Event()
         self._finished = False
         self._gen_scope = anyio.CancelScope()
+        self._gen_tg: TaskGroup | None = None
+        self._exec_recv: MemoryObjectReceiveStream[int] | None = None
+        self._receivers: list[MemoryObjectReceiveStream[int]] = []
+        self._free_executors = 0  # waiting for a loop, none handed to them yet
+        self._backlog = 0  # loops handed over while every executor was busy
         self._run_scope = anyio.CancelScope()
         self._grace_scope: anyio.CancelScope | None = None
         self.snapshot_writer = SnapshotWriter()  # loop.dump() hands it the bytes to write
@@ -131,6 +140,7 @@ class RunState:
             steps_running=dict(self.running),
             peak_steps_running=dict(self.peak_running),
             results_pending=len(self._pending),
+            executors=len(self._receivers),
         )
 
     async def wait_loop_finished(self) -> None:
@@ -232,19 +242,22 @@ class RunState:
         self._withdraw = None
         self._restart = False
         exec_send, exec_recv = anyio.create_memory_object_stream[int](math.inf)
-        receivers = [exec_recv.clone() for _ in range(self.max_parallel)]
-        exec_recv.close()
-        async with anyio.create_task_group() as tg:
-            self._gen_scope = tg.cancel_scope
-            for receiver in receivers:
-                tg.start_soon(self._executor, receiver)
-            tg.start_soon(self._kickoff, exec_send)
-            if self.settings.grace_period > 0 and math.isfinite(deadline):
-                tg.start_soon(self._grace_watch, deadline)
-        # a task cancelled before it started never closed its stream
-        exec_send.close()
-        for receiver in receivers:
-            receiver.close()
+        self._receivers = []
+        self._free_executors = self._backlog = 0
+        try:
+            async with anyio.create_task_group() as tg:
+                self._gen_scope = tg.cancel_scope
+                self._gen_tg = tg
+                self._exec_recv = exec_recv
+                tg.start_soon(self._kickoff, exec_send)
+                if self.settings.grace_period > 0 and math.isfinite(deadline):
+                    tg.start_soon(self._grace_watch, deadline)
+        finally:
+            # a task cancelled before it started never closed its stream
+            exec_send.close()
+            exec_recv.close()
+            for receiver in self._receivers:
+                receiver.close()
         self._grace_scope = None
         self._raise_errors()
         if self.stop_reason is not None:
@@ -267,7 +280,7 @@ class RunState:
             with exec_send:
                 for li in sorted(self.unfinished):
                     self.progress.loop_admitted(li)
-                    exec_send.send_nowait(li)
+                    self._hand_over(exec_send, li)
                 while loop.loop_n is None or loop.loop_n > 0:
                     while len(self.unfinished) >= self.max_parallel or self.closing:
                         await self.wait_loop_finished()
@@ -281,9 +294,24 @@ class RunState:
                     if loop.step_idx.get(li, 0) < n:
                         if self._gen_scope.cancel_called:
                             return  # the executors are stopping (or gone): so is this generation
-                        exec_send.send_nowait(li)
+                        self._hand_over(exec_send, li)
         except Exception as exc:  # a bug of ours: report it like a step error
             self._fail(exc)
+
+    def _hand_over(self, exec_send: MemoryObjectSendStream[int], li: int) -> None:
+        """Give loop ``li`` to an executor, starting one if none is free: at most
+        ``max_parallel`` of them, and no more than there were loops to run at once."""
+        if self._free_executors > 0:
+            self._free_executors -= 1
+        elif len(self._receivers) < self.max_parallel:
+            assert self._exec_recv is not None
+            assert self._gen_tg is not None
+            receiver = self._exec_recv.clone()
+            self._receivers.append(receiver)
+            self._gen_tg.start_soon(self._executor, receiver)
+        else:
+            self._backlog += 1
+        exec_send.send_nowait(li)
 
     async def _executor(self, exec_recv: MemoryObjectReceiveStream[int]) -> None:
         loop = self.loop
@@ -294,6 +322,10 @@ class RunState:
                     while loop.step_idx.get(li, 0) < n:
                         if not await self._run_step(li):
                             return
+                    if self._backlog:  # the next loop is waiting in the stream
+                        self._backlog -= 1
+                    else:
+                        self._free_executors += 1
         except Exception as exc:
             self._fail(exc)
 

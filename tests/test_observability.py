@@ -71,6 +71,35 @@ async def test_statistics_count_the_run(settings: LoopSettings) -> None:
     assert stats.steps_running == {"s0": 0, "s1": 0, "s2": 0, "s3": 0}
 
 
+async def test_executors_are_started_only_as_loops_need_them(settings: LoopSettings) -> None:
+    # room for 64 loops, 3 to run: three executor tasks, not 64, and the loops still overlap
+    loop = Chain(settings.model_copy(update={"step_semaphore": 64}), delay=0.02)
+    handle = loop.run(loop_n=3)
+    await handle
+    stats = handle.statistics()
+    assert stats.loops_completed == 3
+    assert stats.executors == 3
+    spans = [(li, t.start, t.end) for li in range(3) for t in loop.loop_trace[li]]
+    assert any(a < d and c < b for i, a, b in spans for j, c, d in spans if i < j)
+
+
+async def test_a_resume_with_more_unfinished_loops_than_executors_runs_each_step_once(
+    settings: LoopSettings,
+) -> None:
+    first = Chain(settings.model_copy(update={"step_semaphore": 4}), delay=0.01)
+    await first.run(step_n=7)
+    unfinished = first.get_unfinished_loop_cnt(first.loop_idx)
+    assert unfinished >= 3, dict(first.step_idx)
+    resumed = Chain.load(
+        first.session_folder, settings=settings.model_copy(update={"step_semaphore": 2})
+    )
+    handle = resumed.run(loop_n=unfinished)
+    await handle
+    assert handle.statistics().executors <= 2
+    loops = range(resumed.loop_idx)
+    assert sorted(resumed.executed) == sorted((li, s) for li in loops for s in resumed.steps)
+
+
 async def test_records_logged_inside_a_step_carry_its_loop_and_step(
     settings: LoopSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
