@@ -263,13 +263,21 @@ class LoopMap(MutableMapping[int, V]):
         return f"LoopMap({self.field}: {dict(self._live)!r}, finished on disk: {on_disk})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # the archive is not part of the map's pickle: LoopBase.__setstate__ attaches it
-        return (_rebuild_map, (self.factory, self.field, self._live, self._hidden))
+        # the archive is not part of the map's pickle: LoopBase.__setstate__ attaches it;
+        # the usual factories by name (a builtin global costs more than the map's values)
+        factory = _FACTORY_NAMES.get(self.factory, self.factory)
+        return (_rebuild_map, (factory, self.field, self._live, self._hidden))
+
+
+_FACTORIES: dict[str, Callable[[], Any]] = {"list": list, "dict": dict}
+_FACTORY_NAMES = {factory: name for name, factory in _FACTORIES.items()}
 
 
 def _rebuild_map(
-    factory: Callable[[], V], field: str, live: dict[int, V], hidden: set[int]
+    factory: Callable[[], V] | str, field: str, live: dict[int, V], hidden: set[int]
 ) -> LoopMap[V]:
+    if isinstance(factory, str):
+        factory = _FACTORIES[factory]
     mapping = LoopMap(factory, field)
     mapping._live = live
     mapping._hidden = hidden

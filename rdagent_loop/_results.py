@@ -75,12 +75,21 @@ class LoopTrace:
     def __reduce__(self) -> tuple[Any, ...]:
         # a frozen slots dataclass otherwise pickles through a Python-level __getstate__,
         # and a snapshot holds one of these per completed step of every loop in flight;
-        # UTC times (the engine's) pickle as naive ones, four times faster than aware ones
+        # UTC times (the engine's) pickle as integer microseconds, several times faster
         start, end, rest = self.start, self.end, (self.step_idx, self.step_name, self.exception)
         if start.tzinfo is timezone.utc and end.tzinfo is timezone.utc:
-            return (_utc_trace, (start.replace(tzinfo=None), end.replace(tzinfo=None), *rest))
+            return (_utc_trace, (_microseconds(start), _microseconds(end), *rest))
         return (LoopTrace, (start, end, *rest))
 
 
-def _utc_trace(start: datetime, end: datetime, *rest: Any) -> LoopTrace:
-    return LoopTrace(start.replace(tzinfo=timezone.utc), end.replace(tzinfo=timezone.utc), *rest)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _microseconds(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _utc_trace(start: int, end: int, *rest: Any) -> LoopTrace:
+    return LoopTrace(
+        _EPOCH + timedelta(microseconds=start), _EPOCH + timedelta(microseconds=end), *rest
+    )

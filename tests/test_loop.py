@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
 from rdagent_loop import LoopBase, LoopSettings, step
+from rdagent_loop._results import LoopTrace
 
 
 class Base(LoopBase):
@@ -159,3 +162,19 @@ def test_bad_budgets_are_refused_at_the_call(tmp_path: Any, kwargs: dict[str, An
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         loop.run(**kwargs)
     assert not (tmp_path / "__session__").exists()
+
+
+@pytest.mark.parametrize(
+    "tz", [timezone.utc, timezone(timedelta(hours=8)), None], ids=["utc", "utc+8", "naive"]
+)
+def test_loop_traces_pickle_exactly_whatever_their_time_zone(tz: timezone | None) -> None:
+    trace = LoopTrace(
+        datetime(2026, 11, 25, 14, 35, 18, 999_999, tzinfo=tz),
+        datetime(2262, 4, 11, 23, 47, 16, 854_775, tzinfo=tz),
+        3,
+        "record",
+        "ValueError('x')",
+    )
+    restored = pickle.loads(pickle.dumps(trace, protocol=5))
+    assert restored == trace
+    assert restored.start.tzinfo == trace.start.tzinfo
