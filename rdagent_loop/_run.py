@@ -104,6 +104,7 @@ class RunState:
         self._restart = False
         self._loop_finished = anyio.Event()
         self._pending: deque[StepResult] = deque()
+        self.stream_results = True  # False when nobody reads them (``await loop.run()``)
         self._pending_changed = anyio.Event()
         self._room = anyio.Event()
         self._finished = False
@@ -483,8 +484,9 @@ class RunState:
                 return False
             self.last_snapshot = f"{li}/{si}_{name}"
         result = StepResult(li, si, name, output, exc, started, ended, attempts, retried)
-        self._pending.append(result)
-        self._pending_changed.set()
+        if self.stream_results:
+            self._pending.append(result)
+            self._pending_changed.set()
         self.progress.step_finished(result)
         log.info("%s", result, extra={"loop_idx": li, "step_name": name})
         return True
@@ -670,6 +672,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         self._results: ResultStream | None = None
         self._send: MemoryObjectSendStream[StepResult] | None = None
         self._outcome = _Outcome()
+        self._stream_results = True
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._args.items() if v is not None)
@@ -681,6 +684,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
                 f"this run was already consumed with {self._consumed}; call loop.run() again"
             )
         state = RunState(self._loop, **self._args)  # type: ignore[arg-type]
+        state.stream_results = self._stream_results
         state.claim()
         self._consumed = form
         self._state = state
@@ -699,6 +703,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         return self._coro
 
     async def _await_summary(self) -> RunSummary:
+        self._stream_results = False  # only the summary is wanted: results are not queued
         async with self as results:
             async for _ in results:
                 pass

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from looplib import Chain
 
-from rdagent_loop import LoopSettings
+from rdagent_loop import LoopSettings, RunSummary
 from rdagent_loop._progress import NoProgress, TqdmProgress, make_progress
 from rdagent_loop._results import StepResult
 
@@ -86,18 +86,22 @@ async def test_executors_are_started_only_as_loops_need_them(settings: LoopSetti
 async def test_a_resume_with_more_unfinished_loops_than_executors_runs_each_step_once(
     settings: LoopSettings,
 ) -> None:
-    first = Chain(settings.model_copy(update={"step_semaphore": 4}), delay=0.01)
-    await first.run(step_n=7)
-    unfinished = first.get_unfinished_loop_cnt(first.loop_idx)
-    assert unfinished >= 3, dict(first.step_idx)
+    # four loops past their first step, saved by a run with room for four; resumed with room
+    # for two: two executors take turns over four loops
+    first = Chain(settings.model_copy(update={"step_semaphore": 4}))
+    for li in range(4):
+        first.loop_prev_out[li] = {first.LOOP_IDX_KEY: li, "s0": f"s0@{li}"}
+        first.step_idx[li] = 1
+        first.executed.append((li, "s0"))
+    first.loop_idx = 4
+    first.dump(first.session_folder / "3" / "0_s0")
     resumed = Chain.load(
         first.session_folder, settings=settings.model_copy(update={"step_semaphore": 2})
     )
-    handle = resumed.run(loop_n=unfinished)
-    await handle
-    assert handle.statistics().executors <= 2
-    loops = range(resumed.loop_idx)
-    assert sorted(resumed.executed) == sorted((li, s) for li in loops for s in resumed.steps)
+    handle = resumed.run(loop_n=4)
+    assert await handle == RunSummary(steps=12, loops=4, reason="loop_n")
+    assert handle.statistics().executors == 2
+    assert sorted(resumed.executed) == sorted((li, s) for li in range(4) for s in resumed.steps)
 
 
 async def test_records_logged_inside_a_step_carry_its_loop_and_step(

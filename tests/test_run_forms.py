@@ -71,6 +71,19 @@ async def test_await_returns_a_frozen_summary(settings: LoopSettings) -> None:
         summary.steps = 1  # type: ignore[misc]
 
 
+async def test_await_queues_no_results_since_nobody_reads_them(settings: LoopSettings) -> None:
+    handle = Chain(settings).run(loop_n=3)
+    assert await handle == RunSummary(steps=12, loops=3, reason="loop_n")
+    assert handle._state is not None
+    assert handle._state.stream_results is False  # no forwarding, no stream, per step
+    assert handle.statistics().results_pending == 0
+    streamed = Chain(settings).run(loop_n=1)
+    async with streamed as results:
+        assert streamed._state is not None
+        assert streamed._state.stream_results is True
+        assert len([r async for r in results]) == 4
+
+
 async def test_async_with_streams_results_of_each_loop_in_step_order(
     settings: LoopSettings,
 ) -> None:
