@@ -475,7 +475,7 @@ class RunState:
             self._notify_loop_finished()
             self.progress.loop_finished(li)
         if self.settings.save_snapshots:
-            path = loop.session_folder / str(li) / f"{si}_{name}"
+            path = loop.session_folder.joinpath(str(li), f"{si}_{name}")
             try:
                 loop.dump(path)
             except Exception as error:

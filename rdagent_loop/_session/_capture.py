@@ -182,7 +182,10 @@ class JobStatistics:
 def store_for(path: str | Path) -> Path | None:
     """The chunk store of a snapshot at ``path``: its session's, if ``path`` follows RD-Agent's
     layout ``<session>/<loop>/<step>_<name>``; else None (the snapshot holds all its bytes)."""
-    folder, _, name = os.path.normpath(path).rpartition(os.sep)  # pathlib is slow here
+    text = os.fspath(path)  # pathlib is slow here, and this runs at every snapshot
+    if f"{os.sep}." in text or text.endswith(os.sep) or (os.altsep and os.altsep in text):
+        text = os.path.normpath(text)  # "..", "." or a trailing slash: the slow way
+    folder, _, name = text.rpartition(os.sep)
     step, sep, _ = name.partition("_")
     return _store_of(folder) if sep and step.isdigit() else None
 
