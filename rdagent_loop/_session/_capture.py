@@ -161,10 +161,6 @@ class OutputsBlob:
     data: bytes
     written: Callable[[], None] = lambda: None
 
-    @property
-    def path(self) -> Path:
-        return outputs_path(self.folder, self.loop_idx, self.digest)
-
 
 def outputs_path(folder: Path, loop_idx: int, digest: str) -> Path:
     """``<session>/<loop>/outputs-<sha256 prefix>``: no ``_``, so never taken for a step file."""
@@ -300,7 +296,7 @@ def write_outputs(blob: OutputsBlob, durability: Durability, key: bytes | None =
     or is damaged: replacing it atomically is right either way, and cheaper than reading
     it first (this runs for every finished loop).
     """
-    path = os.path.join(blob.folder, str(blob.loop_idx), f"outputs-{blob.digest[:16]}")
+    path = outputs_path(blob.folder, blob.loop_idx, blob.digest)
     head = encode_header("outputs", f"loop {blob.loop_idx}", len(blob.data), blob.digest, key)
     return write_atomic(path, [head + blob.data], durability, make_dir=True)
 
