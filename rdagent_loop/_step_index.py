@@ -114,9 +114,12 @@ class StepIndex(defaultdict[int, int]):
     def seal(self, done: int) -> None:
         """Seal the leading loops whose value is at least ``done`` (finished loops)."""
         key = self.sealed
-        while key in self._loose and self[key] >= done:
+        while key in self._loose:
+            value = self[key]
+            if type(value) is not int or not done <= value < 2**63:  # a page holds int64s
+                break
             del self._loose[key]
-            self._seal_values((self[key],))
+            self._seal_values((value,))
             key += 1
 
     def _seal_values(self, values: Iterable[int]) -> None:

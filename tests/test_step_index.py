@@ -78,6 +78,8 @@ def test_full_pages_pickle_to_the_same_objects_as_loops_finish() -> None:
         lambda d: d.setdefault(77_777, 2),
         lambda d: d.__getitem__(55_555),  # a missing key is created, as in a defaultdict
         lambda d: d.clear(),
+        lambda d: d.__setitem__(5, "not a step"),  # odd values stay loose, never sealed
+        lambda d: d.__setitem__(6, 2**70),
         lambda d: dict.__setitem__(d, 88_888, 0),  # behind the subclass's back
         lambda d: dict.__delitem__(d, 1),
     ],
