@@ -45,34 +45,28 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def ensure_dir(folder: Path, durability: Durability) -> None:
-    """Create ``folder`` and its missing parents; with fsync, make the new entries durable."""
-    if folder.is_dir():
-        return
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        if durability == "fsync":
-            fsync_dir(path.parent)
+def ensure_dir(folder: str | Path, durability: Durability) -> None:
+    """Create ``folder`` and its missing parents; with fsync, make the new entries durable.
 
-
-def _make_dir(folder: str, durability: Durability) -> None:
-    """``ensure_dir``, with the usual case (only the folder itself is missing) first."""
+    ``mkdir`` first: the usual case is a folder that exists, or only it missing (a new loop's
+    folder, at every loop's first snapshot), one system call either way.
+    """
+    folder = os.fspath(folder)
     try:
         os.mkdir(folder)
     except FileExistsError:
         return
     except FileNotFoundError:
-        ensure_dir(Path(folder), durability)
-        return
+        parent = os.path.dirname(os.path.normpath(folder))
+        if not parent or parent == folder:
+            raise
+        ensure_dir(parent, durability)
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            return
     if durability == "fsync":
-        fsync_dir(os.path.dirname(folder) or os.curdir)
+        fsync_dir(os.path.dirname(os.path.normpath(folder)) or os.curdir)
 
 
 def temp_name(folder: str) -> str:
@@ -112,7 +106,7 @@ def write_atomic(
     except FileNotFoundError:
         if not make_dir:
             raise
-        _make_dir(folder, durability)
+        ensure_dir(folder, durability)
         tmp, fd = _create(folder)
     written = 0
     try:
