@@ -490,9 +490,10 @@ async def test_22_a_crashed_step_is_not_saved_as_done(settings: LoopSettings) ->
         await loop.run(loop_n=1)
     assert loop.step_idx[0] == 2
     assert CrashOnce.load(loop.session_folder).step_idx[0] == 2
+    assert [p.name for p in snapshot_files(loop)] == ["0_s0", "1_s1"]
     summary = await loop.run()  # the same object, again: step 2 runs again
     assert summary == RunSummary(2, 1, "loop_n")
-    assert loop.executed[-2:] == [(0, "s2"), (0, "s3")]
+    assert loop.executed == [(0, "s0"), (0, "s1"), (0, "s2"), (0, "s3")]
 
 
 async def test_23_a_cancelled_step_is_not_marked_done(settings: LoopSettings) -> None:

@@ -228,18 +228,6 @@ class Withdraws(LoopBase):
         return f"s2@{li}"
 
 
-class CrashesAtS2(Chain):
-    """s2 fails once with an ordinary error."""
-
-    crashed = False
-
-    async def s2(self, prev_out: dict[str, Any]) -> str:
-        if not CrashesAtS2.crashed:
-            CrashesAtS2.crashed = True
-            raise OSError("disk full")
-        return await super().s2(prev_out)
-
-
 class Steady(Grows):
     """Like ``Grows``, but ``record`` leaves ``self`` as it is."""
 

@@ -14,7 +14,6 @@ import pytest
 import trio
 from session_loops import (
     Chain,
-    CrashesAtS2,
     Crowded,
     Grows,
     KeepsKnowledge,
@@ -56,20 +55,6 @@ async def test_21_every_snapshot_points_at_the_next_step(settings: LoopSettings)
         restored = Chain.load(file)
         assert restored.step_idx[li] == si + 1
         assert restored.loop_prev_out[li][f"s{si}"] == f"s{si}@{li}"
-
-
-async def test_22_a_crashed_step_is_not_saved_as_done_and_runs_again(
-    settings: LoopSettings,
-) -> None:
-    CrashesAtS2.crashed = False
-    loop = CrashesAtS2(settings)
-    with pytest.raises(OSError, match="disk full"):
-        await loop.run(loop_n=1)
-    assert loop.step_idx[0] == 2
-    assert CrashesAtS2.load(loop.session_folder).step_idx[0] == 2
-    assert [p.name for p in files(loop)] == ["0_s0", "1_s1"]
-    await loop.run()
-    assert loop.executed == [(0, "s0"), (0, "s1"), (0, "s2"), (0, "s3")]
 
 
 async def test_23_a_cancelled_step_is_not_marked_done_in_memory_or_on_disk(
