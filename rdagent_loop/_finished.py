@@ -265,12 +265,11 @@ class LoopMap(MutableMapping[int, V]):
     def __reduce__(self) -> tuple[Any, ...]:
         # the archive is not part of the map's pickle: LoopBase.__setstate__ attaches it;
         # the usual factories by name (a builtin global costs more than the map's values)
-        factory = _FACTORY_NAMES.get(self.factory, self.factory)
+        factory = next((k for k, f in _FACTORIES.items() if f is self.factory), self.factory)
         return (_rebuild_map, (factory, self.field, self._live, self._hidden))
 
 
 _FACTORIES: dict[str, Callable[[], Any]] = {"list": list, "dict": dict}
-_FACTORY_NAMES = {factory: name for name, factory in _FACTORIES.items()}
 
 
 def _rebuild_map(

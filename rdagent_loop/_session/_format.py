@@ -105,11 +105,12 @@ def encode_header(
 
     The line is the canonical JSON of the fields (``_canonical``), written out by hand:
     this runs for every snapshot, and a JSON encoder with sorted keys costs more than the
-    rest of the header. A test checks that both agree.
+    rest of the header. A test checks that both agree. ``body_sha256`` is a hex digest (no
+    escaping needed, and never worth caching: each is new).
     """
     written_at_ns, seq = written_at if written_at is not None else clock.tick()
     head = (
-        f'{{"body_sha256":{json_string(body_sha256)},"body_size":{int(body_size)},'
+        f'{{"body_sha256":"{body_sha256}","body_size":{int(body_size)},'
         f'"cls":{json_string(cls)},"engine":{json_string(ENGINE_VERSION)},'
         f'"format":{FORMAT_VERSION},'
     )
