@@ -116,7 +116,8 @@ class RunState:
         self._backlog = 0  # loops handed over while every executor was busy
         self._run_scope = anyio.CancelScope()
         self._grace_scope: anyio.CancelScope | None = None
-        self.snapshot_writer = SnapshotWriter()  # loop.dump() hands it the bytes to write
+        # loop.dump() hands it the bytes to write
+        self.snapshot_writer = SnapshotWriter(mode=loop.settings.snapshot_writer)
         self.progress = make_progress(loop, step_n=step_n, loop_n=loop_n)
 
     # -- public helpers -------------------------------------------------------------------

@@ -67,6 +67,10 @@ class LoopSettings(BaseSettings):
     durability: Literal["fsync", "flush"] = "fsync"
     """``fsync`` survives a power cut; ``flush`` (rename, no fsync) survives a killed process."""
 
+    snapshot_writer: Literal["auto", "process", "thread"] = "auto"
+    """Who writes snapshots during a run: a writer ``process`` (in parallel with the event
+    loop), a ``thread`` of this process, or ``auto``: the process on Linux, else the thread."""
+
     signing_key: SecretStr | None = None
     """With a key, snapshots carry an HMAC and unsigned or mis-signed files are refused."""
 

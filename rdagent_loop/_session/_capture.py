@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._atomic import Durability, fsync_dir, write_atomic
+from ._atomic import Durability, FileOp
 from ._chunks import INLINE_MAX, SEGMENT_MIN, STORE_NAME, ChunkIndex
 from ._format import clock, encode_header, json_string, qualified_name
 
@@ -204,41 +204,55 @@ class SnapshotJob:
     key: bytes | None
     outputs: list[OutputsBlob] = field(default_factory=list)
     written_at: tuple[int, int] = (0, 0)
+    chunks_written: int = 0  # by the last operations()
+    chunks_reused: int = 0
 
     @property
     def nbytes(self) -> int:
         size = sum(len(blob.data) for blob in self.outputs)
         return size + (len(self.captured.buffer) if self.captured is not None else 0)
 
-    def run(self) -> JobStatistics:
-        """Write the outputs files, the new chunks, then the snapshot file itself."""
-        started = time.perf_counter()
-        written = 0
-        for blob in self.outputs:
-            written += write_outputs(blob, self.durability, self.key)
-            blob.written()
-        new = reused = 0
-        if self.path is not None and self.captured is not None:
-            if self.index is not None:
-                with self.index.lock:
-                    manifest, inline, new, reused, chunk_bytes = self._body(self.index)
-                written += chunk_bytes
-            else:
-                manifest, inline, new, reused, _ = self._body(None)
-            digest = hashlib.sha256(manifest)
-            for part in inline:
-                digest.update(part)
-            size = len(manifest) + sum(len(part) for part in inline)
-            header = encode_header(
-                "snapshot", self.cls, size, digest.hexdigest(), self.key, self.written_at
-            )
-            # one write call: each system call hands the GIL to the event loop's thread
-            data = b"".join([header, manifest, *inline])
-            written += write_atomic(self.path, [data], self.durability, make_dir=True)
-        return JobStatistics(written, new, reused, time.perf_counter() - started)
+    @property
+    def chunked(self) -> bool:
+        """Whether building the files means cutting and hashing large segments (slow work,
+        better done off the event loop's thread)."""
+        captured = self.captured
+        if self.index is None or captured is None:
+            return False
+        return any(end - start >= SEGMENT_MIN for _, start, end, _ in captured.segments)
 
-    def _body(self, index: ChunkIndex | None) -> tuple[bytes, list[memoryview], int, int, int]:
-        """The manifest line and the inline bytes; new chunks go to the store on the way."""
+    def run(self) -> JobStatistics:
+        """Write the outputs files, the new chunks, then the snapshot file itself, here."""
+        started = time.perf_counter()
+        written = sum(op.apply() for op in self.operations())
+        return JobStatistics(
+            written, self.chunks_written, self.chunks_reused, time.perf_counter() - started
+        )
+
+    def operations(self, done: Callable[[], None] | None = None) -> list[FileOp]:
+        """The files to write, in order: outputs, new chunks, the snapshot file last (with
+        ``done`` as its ``done``). New chunks count as stored from now on."""
+        ops = [outputs_operation(blob, self.durability, self.key) for blob in self.outputs]
+        if self.path is None or self.captured is None:
+            return ops
+        if self.index is not None:
+            with self.index.lock:
+                manifest, inline = self._body(self.index, ops)
+        else:
+            manifest, inline = self._body(None, ops)
+        digest = hashlib.sha256(manifest)
+        for part in inline:
+            digest.update(part)
+        size = len(manifest) + sum(len(part) for part in inline)
+        header = encode_header(
+            "snapshot", self.cls, size, digest.hexdigest(), self.key, self.written_at
+        )
+        data = b"".join([header, manifest, *inline])
+        ops.append(FileOp(os.fspath(self.path), data, self.durability, make_dir=True, done=done))
+        return ops
+
+    def _body(self, index: ChunkIndex | None, ops: list[FileOp]) -> tuple[bytes, list[memoryview]]:
+        """The manifest line and the inline bytes; new chunks are added to ``ops``."""
         captured = self.captured
         assert captured is not None
         assert self.path is not None
@@ -246,7 +260,7 @@ class SnapshotJob:
         inline: list[memoryview] = []
         buffer = captured.buffer
         all_inline = True
-        new = reused = chunk_bytes = 0
+        new = reused = 0
         for name, start, end, own in captured.segments:
             flag = ",1" if own else ""
             if index is None or end - start < SEGMENT_MIN:
@@ -269,9 +283,10 @@ class SnapshotJob:
                     inline.append(view)
                     pieces.append(f"[{size}]")
                     continue
-                elif index.ensure(digest, view, self.durability):
+                elif index.claim(digest, view):
                     new += 1
-                    chunk_bytes += size
+                    chunk = os.path.join(index.store, digest)
+                    ops.append(FileOp(chunk, view, self.durability, sync_dir=False, make_dir=True))
                 else:
                     reused += 1
                 pieces.append(f'[{size},"{digest}"]')
@@ -279,18 +294,19 @@ class SnapshotJob:
         if all_inline:
             inline.append(buffer)
         if new and self.durability == "fsync" and index is not None:
-            fsync_dir(index.store)
+            ops.append(FileOp(os.fspath(index.store), None, self.durability))
+        self.chunks_written, self.chunks_reused = new, reused
         store = "null" if index is None else f'"../{STORE_NAME}"'  # see store_for()
         state = "object" if captured.whole else "dict"
         line = (
             f'{{"protocol":{PROTOCOL},"state":"{state}","store":{store},'
             f'"segments":[{",".join(segments)}]}}\n'
         ).encode()
-        return line, inline, new, reused, chunk_bytes
+        return line, inline
 
 
-def write_outputs(blob: OutputsBlob, durability: Durability, key: bytes | None = None) -> int:
-    """Write one finished loop's outputs file.
+def outputs_operation(blob: OutputsBlob, durability: Durability, key: bytes | None) -> FileOp:
+    """Writing one finished loop's outputs file (then ``blob.written`` is called).
 
     Its name holds its hash, so a file already there under that name has the same bytes,
     or is damaged: replacing it atomically is right either way, and cheaper than reading
@@ -298,7 +314,12 @@ def write_outputs(blob: OutputsBlob, durability: Durability, key: bytes | None =
     """
     path = outputs_path(blob.folder, blob.loop_idx, blob.digest)
     head = encode_header("outputs", f"loop {blob.loop_idx}", len(blob.data), blob.digest, key)
-    return write_atomic(path, [head + blob.data], durability, make_dir=True)
+    return FileOp(os.fspath(path), head + blob.data, durability, make_dir=True, done=blob.written)
+
+
+def write_outputs(blob: OutputsBlob, durability: Durability, key: bytes | None = None) -> int:
+    """Write one finished loop's outputs file here and now."""
+    return outputs_operation(blob, durability, key).apply()
 
 
 def make_job(

@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .._errors import SnapshotError
-from ._atomic import Durability, ensure_dir, write_atomic
 
 MIN_CHUNK = 16 * 1024
 MAX_CHUNK = 256 * 1024
@@ -130,8 +129,9 @@ class ChunkIndex:
         self.segments[name] = [piece for piece, _ in pieces]
         return pieces, unchanged
 
-    def ensure(self, digest: str, data: memoryview, durability: Durability) -> bool:
-        """Make sure chunk ``digest`` is in the store; return True if it was written now."""
+    def claim(self, digest: str, data: memoryview) -> bool:
+        """True if chunk ``digest`` must be written now; it then counts as known, so the
+        caller must write it before anything that refers to it (its writes keep order)."""
         if digest in self.known:
             return False
         path = self.store / digest
@@ -143,8 +143,6 @@ class ChunkIndex:
             else:
                 self.known.add(digest)
                 return False
-        ensure_dir(self.store, durability)
-        write_atomic(path, [data], durability, sync_dir=False)
         self.known.add(digest)
         return True
 

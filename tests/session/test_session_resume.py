@@ -8,8 +8,10 @@ import os
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
+import psutil
 import pytest
 import trio
 from session_loops import (
@@ -277,10 +279,25 @@ async def test_disk_grows_with_new_state_not_with_snapshots(settings: LoopSettin
         assert len(restored.history) == info.loop_idx + info.step_idx
 
 
-async def test_snapshots_are_written_off_the_event_loop_thread(settings: LoopSettings) -> None:
-    writers: set[str] = set()
+class SeesTheWriter(Chain):
+    """Notes, in its last step, the snapshot writer processes the run has started."""
+
+    async def s3(self, prev_out: dict[str, Any]) -> str:
+        self.writers = [
+            child.pid
+            for child in psutil.Process().children()
+            if any(arg.endswith("_disk_worker.py") for arg in child.cmdline())
+        ]
+        return await super().s3(prev_out)
+
+
+@pytest.mark.parametrize("writer", ["auto", "thread"])
+async def test_snapshots_are_written_off_the_event_loop_thread(
+    settings: LoopSettings, writer: str
+) -> None:
     import rdagent_loop._session._atomic as atomic
 
+    writers: set[str] = set()
     real = atomic._replace
 
     def spy(src: str, dst: str) -> None:
@@ -288,14 +305,20 @@ async def test_snapshots_are_written_off_the_event_loop_thread(settings: LoopSet
         real(src, dst)
 
     atomic._replace = spy  # type: ignore[assignment]
+    loop = SeesTheWriter(settings.model_copy(update={"snapshot_writer": writer}))
     try:
-        await Chain(settings).run(loop_n=1)
+        await loop.run(loop_n=1)
     finally:
         atomic._replace = real  # type: ignore[assignment]
-    assert writers == {"rdagent-loop-snapshots"}
-    assert threading.current_thread().name not in writers
+    assert [p.name for p in files(loop)] == ["0_s0", "1_s1", "2_s2", "3_s3"]
+    if writer == "thread":
+        assert writers == {"rdagent-loop-snapshots"}
+        assert loop.writers == []
+    else:  # Linux: one writer process, no file written by a thread of this process
+        assert writers == set()
+        assert len(loop.writers) == 1
+        assert not psutil.pid_exists(loop.writers[0])  # waited for, when the run ended
     assert not [t for t in threading.enumerate() if t.name == "rdagent-loop-snapshots"]
-    assert os.getpid()
 
 
 async def test_a_session_loaded_by_a_relative_path_continues_in_an_absolute_folder(

@@ -1,0 +1,135 @@
+"""The snapshot writer process: it puts files on disk, in the order it is sent them.
+
+Why a process: a run's event loop is busy between steps, and a writer *thread* only gets the
+GIL back, after each of its system calls, when the event loop lets it go; it ends up writing
+one file per event-loop pause. A process shares no GIL, so the disk keeps up with the steps.
+
+The parent (``_writer_process.py``) runs this file as a script, with ``python -S``, so that
+it starts in milliseconds: it imports only the standard library and ``_atomic`` beside it.
+
+Frames on standard input: ``FRAME`` (op, flags, path length, data length), the path
+(file-system encoding), then the data. ``WRITE`` writes the data to the path atomically,
+``SYNC_DIR`` fsyncs a folder, ``END`` ends the process. Each ``WRITE`` and ``SYNC_DIR`` is
+answered on standard output, in order, by ``A <bytes written> <nanoseconds spent>``. A failure
+is reported once as ``E <json>`` before its answer; later frames are then answered without
+being done (a snapshot after a missing one is not written).
+
+The process dies with its parent (``PR_SET_PDEATHSIG``): a killed run leaves no writer that
+could still rename files into a session that is being resumed.
+"""
+
+from __future__ import annotations
+
+import _signal  # type: ignore[import-not-found]  # not signal: its enums cost a third of the start-up
+import os
+import struct
+import sys
+import time
+
+try:
+    from . import _atomic
+except ImportError:  # run as a script: the folder of this file is on sys.path
+    import _atomic  # type: ignore[import-not-found,no-redef]
+
+FRAME = struct.Struct("<BBII")  # op, flags, path length, data length
+WRITE, SYNC_DIR, END = 1, 2, 3
+FSYNC, SYNC_PARENT, MAKE_DIR = 1, 2, 4  # flags of WRITE
+
+_READ_SIZE = 1 << 20
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGKILL when the parent goes; check it did not go already."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _error_line(exc: BaseException, path: str) -> bytes:
+    import json  # only now: it would add a third to the start-up time
+
+    report = {
+        "path": path,
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "errno": getattr(exc, "errno", None),
+        "strerror": getattr(exc, "strerror", None),
+        "filename": getattr(exc, "filename", None),
+    }
+    return b"E " + json.dumps(report).encode() + b"\n"
+
+
+class Disk:
+    """Carries out frames; remembers the first failure and does nothing after it."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def do(self, op: int, flags: int, path: str, data: bytes | bytearray) -> bytes:
+        """Do one frame; return its answer (and the report of a failure first)."""
+        if self.failed:
+            return b"A 0 0\n"
+        started = time.perf_counter_ns()
+        try:
+            if op not in (WRITE, SYNC_DIR):
+                raise ValueError(f"unknown frame op {op}")
+            written = _atomic.FileOp(
+                path,
+                data if op == WRITE else None,
+                "fsync" if flags & FSYNC else "flush",
+                sync_dir=bool(flags & SYNC_PARENT),
+                make_dir=bool(flags & MAKE_DIR),
+            ).apply()
+        except Exception as exc:
+            self.failed = True
+            return _error_line(exc, path) + b"A 0 0\n"
+        return b"A %d %d\n" % (written, time.perf_counter_ns() - started)
+
+
+def serve(read_fd: int, write_fd: int) -> None:
+    """Do the frames read from ``read_fd`` until ``END`` or end of file."""
+    disk = Disk()
+    pending = bytearray()
+    head = FRAME.size
+    while True:
+        chunk = os.read(read_fd, _READ_SIZE)
+        if not chunk:
+            return  # the parent closed the pipe without END: it is gone
+        pending += chunk
+        answers: list[bytes] = []
+        pos = 0
+        while len(pending) - pos >= head:
+            op, flags, path_len, data_len = FRAME.unpack_from(pending, pos)
+            if op == END:
+                _answer(write_fd, answers)
+                return
+            end = pos + head + path_len + data_len
+            if len(pending) < end:
+                break
+            path = os.fsdecode(bytes(pending[pos + head : pos + head + path_len]))
+            answers.append(disk.do(op, flags, path, pending[pos + head + path_len : end]))
+            pos = end
+        del pending[:pos]
+        _answer(write_fd, answers)
+
+
+def _answer(fd: int, answers: list[bytes]) -> None:
+    data = memoryview(b"".join(answers))
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def main(argv: list[str]) -> None:
+    _die_with_parent(int(argv[1]))
+    serve(sys.stdin.fileno(), sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+    main(sys.argv)
