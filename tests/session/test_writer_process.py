@@ -52,8 +52,7 @@ def test_files_are_written_in_the_order_sent_and_answered_in_that_order(
     done: list[int] = []
     big = os.urandom(3 * PIPE_SIZE)  # more than the pipe holds: sent in several goes
     ops = [
-        FileOp(str(tmp_path / "a" / f"{n}_s"), b"%d" % n, "flush", make_dir=True)
-        for n in range(50)
+        FileOp(str(tmp_path / "a" / f"{n}_s"), b"%d" % n, "flush", make_dir=True) for n in range(50)
     ]
     ops.insert(10, FileOp(str(tmp_path / "big"), big, "fsync"))
     for n, op in enumerate(ops):
