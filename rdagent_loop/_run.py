@@ -35,6 +35,7 @@ from ._logging import log, step_context
 from ._progress import make_progress
 from ._results import LoopTrace, RunSummary, StepResult, StopReason
 from ._session import SnapshotWriter
+from ._step_limit import StepLimit
 
 if TYPE_CHECKING:
     from ._loop import LoopBase
@@ -87,7 +88,7 @@ class RunState:
         self._all_duration = all_duration
         self.max_parallel = self.settings.max_parallel
         self.runner = StepRunner(loop)
-        self.limiters = {name: anyio.Semaphore(self.runner.limit_of(name)) for name in loop.steps}
+        self.limiters = {name: StepLimit(self.runner.limit_of(name)) for name in loop.steps}
         self.budget = StepBudget(None)
         self.steps_completed = 0
         self.finished_loops: set[int] = set()  # finished in this run (and not rolled back)
