@@ -158,7 +158,7 @@ async def _floor() -> float:
     return OVERHEAD_STEPS / (time.perf_counter() - started)
 
 
-Mode = Literal["off", "flush", "fsync"]
+Mode = Literal["off", "flush", "flush-thread", "fsync"]
 
 
 async def _engine(snapshots: Mode, scratch: str) -> float:
@@ -169,6 +169,8 @@ async def _engine(snapshots: Mode, scratch: str) -> float:
     tmp = tempfile.mkdtemp(prefix=f"{snapshots}-", dir=scratch)
     if snapshots == "off":
         settings = _settings(tmp, save_snapshots=False)
+    elif snapshots == "flush-thread":  # the writer thread, as on a platform without the process
+        settings = _settings(tmp, durability="flush", snapshot_writer="thread")
     else:
         settings = _settings(tmp, durability=snapshots)
     loop = NoOp(settings)
@@ -184,7 +186,8 @@ def _overhead() -> dict[tuple[str, Mode], float]:
     write-back would slow what follows."""
     rates = {}
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
-        for mode in ("off", "flush", "fsync"):
+        modes: tuple[Mode, ...] = ("off", "flush", "flush-thread", "fsync")
+        for mode in modes:
             for backend in BACKENDS:
                 rates[(backend, mode)] = _median(_repeat(_engine, backend, mode, scratch))
     return rates
@@ -298,11 +301,12 @@ def run() -> list[Row]:
                 "reference",
             )
         )
-        for mode in ("off", "flush", "fsync"):
+        for mode in ("off", "flush", "flush-thread", "fsync"):
             rate = rates[(backend, mode)]
             what = {
                 "off": "no snapshots (save_snapshots=False)",
                 "flush": 'snapshot after each step, durability="flush"',
+                "flush-thread": 'the same, snapshot_writer="thread"',
                 "fsync": 'snapshot after each step, durability="fsync"',
             }[mode]
             per_step = (1 / rate - 1 / floor) * 1e6
@@ -313,13 +317,12 @@ def run() -> list[Row]:
                 )
             else:
                 figure += f"; {rate / OLD_ENGINE_STEPS_PER_S:.1f}x the old engine's 404)"
-                rows.append(
-                    (
-                        f"{tag} engine, {OVERHEAD_STEPS} no-op steps, {what}",
-                        figure,
-                        f">= {OVERHEAD_BAR:,} steps/s: {_verdict(rate >= OVERHEAD_BAR)}",
-                    )
-                )
+                bar = {
+                    "flush": f">= {OVERHEAD_BAR:,} steps/s: {_verdict(rate >= OVERHEAD_BAR)}",
+                    "flush-thread": "reference (a thread of this process writes)",
+                    "fsync": "reported (the bar is for flush, like the old engine's)",
+                }[mode]
+                rows.append((f"{tag} engine, {OVERHEAD_STEPS} no-op steps, {what}", figure, bar))
 
         step_s = _run(_step_time, backend)
         for limit in PAR_LIMITS:

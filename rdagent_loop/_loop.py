@@ -183,7 +183,7 @@ class LoopBase(metaclass=LoopMeta):
 
         The state is captured (pickled into memory) before this returns, so an override may
         drop a big attribute, call ``super().dump(path)`` and put it back. During a run the
-        bytes reach the disk a moment later, in order, from the run's writer thread (drained
+        bytes reach the disk a moment later, in order, from the run's snapshot writer (drained
         before ``run()`` returns); outside a run they are written before this returns.
         So a crash may lose the last few snapshots, whose results may have been streamed
         already: those steps run again on resume. Finished loops' outputs are written once,

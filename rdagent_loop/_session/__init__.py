@@ -8,7 +8,8 @@ Layout (RD-Agent's, so existing tooling keeps working)::
 
 Modules: ``_format`` (header, checksum, HMAC), ``_atomic`` (temp file, fsync, rename),
 ``_chunks`` (content-defined chunking, the store), ``_capture`` (a consistent picture, the
-write job), ``_writer`` (the run's writer thread), ``_reader`` (verify, then unpickle),
+write job), ``_writer`` (the run's snapshot writer), ``_writer_process`` and ``_disk_worker``
+(its writer process, both sides), ``_reader`` (verify, then unpickle),
 ``_listing`` (inspection and checkout's truncation).
 """
 

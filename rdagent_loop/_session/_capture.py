@@ -3,7 +3,7 @@
 ``capture`` runs synchronously in ``dump()``, between steps: it pickles the state into
 memory, one *segment* per attribute, with one pickler so that objects shared between
 attributes stay shared. A ``SnapshotJob`` then does the slow part (cutting into chunks,
-hashing, writing, fsyncing), on the run's writer thread or inline.
+hashing, writing, fsyncing) where the run's snapshot writer has it done, or inline.
 
 Thread steps may change ``self`` while it is pickled, which used to fail with "dictionary
 changed size during iteration" (RD-Agent #1285). The pickler runs in C, but Python-level
@@ -86,6 +86,8 @@ def consistently(make: Callable[[], T]) -> T:
     try:
         for attempt in range(1, CAPTURE_ATTEMPTS + 1):
             try:
+                if threading.active_count() == 1:  # no other thread to hold off
+                    return make()
                 with quiet_threads:
                     return make()
             except RuntimeError as exc:

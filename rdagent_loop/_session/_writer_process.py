@@ -32,8 +32,15 @@ Buffers = list[bytes | bytearray | memoryview]
 
 
 def available() -> bool:
-    """Whether this platform can run the writer process (it relies on ``PR_SET_PDEATHSIG``)."""
-    return sys.platform.startswith("linux") and bool(sys.executable)
+    """Whether the writer process can run here: Linux (it relies on ``PR_SET_PDEATHSIG``),
+    and ``sys.executable`` a Python interpreter, not a frozen application or a server that
+    embeds Python (which would start itself again)."""
+    name = os.path.basename(sys.executable or "")
+    return (
+        sys.platform.startswith("linux")
+        and not getattr(sys, "frozen", False)
+        and name.startswith(("python", "pypy"))
+    )
 
 
 def _rebuild(report: dict[str, object]) -> BaseException:

@@ -210,17 +210,20 @@ async def test_what_the_pipe_cannot_take_goes_on_through_the_thread_and_keeps_it
 async def test_auto_falls_back_to_the_thread_where_there_is_no_writer_process(
     settings: LoopSettings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sys, "executable", str(settings.trace_path / "no-such-python"))
+    monkeypatch.setattr(sys, "executable", str(settings.trace_path / "python-missing"))
     caplog.set_level(logging.INFO, "rdagent_loop")
     loop = Chain(settings)
     await loop.run(loop_n=1)
     assert Chain.load(loop.session_folder).step_idx[0] == 4
     assert "no snapshot writer process" in caplog.text
-    monkeypatch.setattr(sys, "platform", "darwin")  # not Linux: the thread, without trying
     caplog.clear()
-    await loop.run(loop_n=1)
+    for name, value in [("platform", "darwin"), ("frozen", True), ("executable", "/usr/bin/uwsgi")]:
+        with monkeypatch.context() as patch:  # no writer process here: the thread, untried
+            patch.setattr(sys, name, value, raising=False)
+            assert not available()
+            await loop.run(loop_n=1)
     assert "no snapshot writer process" not in caplog.text
-    assert Chain.load(loop.session_folder).step_idx[1] == 4
+    assert Chain.load(loop.session_folder).step_idx[3] == 4
 
 
 @pytest.mark.anyio
