@@ -146,6 +146,13 @@ class ChunkIndex:
         self.known.add(digest)
         return True
 
+    def forget(self) -> None:
+        """Know nothing any more: after a failed write, chunks claimed by snapshots that were
+        then not written are not in the store, and must be checked (and written) again."""
+        with self.lock:
+            self.known.clear()
+            self.segments.clear()
+
     def seed(self, segments: Iterable[tuple[str, list[Piece]]], stored: Iterable[str]) -> None:
         """Start from a snapshot that was just read and verified."""
         for name, pieces in segments:

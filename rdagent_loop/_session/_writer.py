@@ -129,6 +129,8 @@ class SnapshotWriter:
         if error is not None:
             raise error
         if not self._open or self._error is not None:
+            if self._error is not None and job.index is not None:
+                job.index.forget()  # it counts chunks of jobs that were dropped as stored
             return False
         size = job.nbytes
         if self._submitted_bytes - self._finished_bytes + size > self.max_pending:

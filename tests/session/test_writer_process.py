@@ -244,3 +244,32 @@ def test_an_unknown_writer_is_refused_naming_the_field_and_the_value() -> None:
         LoopSettings(snapshot_writer="processes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'processes'"):
         SnapshotWriter(mode="processes")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["process", "thread"])
+async def test_after_a_failed_write_chunks_of_dropped_snapshots_are_written_again(
+    tmp_path: Path, mode: str
+) -> None:
+    from rdagent_loop._session import ChunkIndex
+
+    session = tmp_path / "__session__"
+    (session / "0").mkdir(parents=True)
+    (session / "1").write_text("a file where loop 1's folder would go")
+    index = ChunkIndex(session / ".chunks")
+    state = State(big=os.urandom(300_000))  # cut into chunks, kept in the store
+
+    def job(path: Path) -> Any:
+        return make_job(state, path, durability="flush", key=None, index=index, outputs=[])
+
+    async with SnapshotWriter(mode=mode) as writer:  # type: ignore[arg-type]
+        assert writer.submit(job(session / "1" / "0_s0"))  # fails
+        assert writer.submit(job(session / "0" / "0_s0"))  # dropped, its chunks with it
+        with pytest.raises(NotADirectoryError):
+            writer.flush()
+        late = job(session / "0" / "1_s1")
+        assert not writer.submit(late)  # the caller writes it itself
+        late.run()
+    snapshot = read_snapshot(session / "0" / "1_s1", None)
+    snapshot.check_chunks(deep=True)  # every chunk it names is there, whole
+    assert not (session / "0" / "0_s0").exists()
