@@ -158,19 +158,25 @@ class StepBudget:
         self.remaining = remaining
         self.reserved = 0
         self._changed = anyio.Event()
+        self._waiting = 0
 
     @property
     def exhausted(self) -> bool:
         return self.remaining is not None and self.remaining <= 0
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._waiting:  # a new Event at every step would cost more than the step
+            self._changed.set()
+            self._changed = anyio.Event()
 
     async def reserve(self) -> None:
         """Wait until one more step can be paid for, and reserve it."""
         while self.remaining is not None and self.reserved >= self.remaining:
-            await self._changed.wait()
+            self._waiting += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
         self.reserved += 1
 
     def release(self) -> None:

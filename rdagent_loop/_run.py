@@ -19,6 +19,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Coroutine, Generator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,7 @@ class RunState:
         self.stop_reason: StopReason | None = None
         self.closing = False  # past the deadline, inside the grace period
         self.last_snapshot: str | None = None
+        self._loop_folders: dict[int, tuple[Path, Path]] = {}  # li -> (session, its folder)
         self._initial_state: bytes | None = None
         self._errors: list[BaseException] = []
         self._withdraw: tuple[int, BaseException] | None = None
@@ -477,7 +479,7 @@ class RunState:
             self._notify_loop_finished()
             self.progress.loop_finished(li)
         if self.settings.save_snapshots:
-            path = loop.session_folder.joinpath(str(li), f"{si}_{name}")
+            path = self._loop_folder(li, finished=next_si >= n) / f"{si}_{name}"
             try:
                 loop.dump(path)
             except Exception as error:
@@ -492,6 +494,17 @@ class RunState:
         self.progress.step_finished(result)
         log.info("%s", result, extra={"loop_idx": li, "step_name": name})
         return True
+
+    def _loop_folder(self, li: int, *, finished: bool) -> Path:
+        """``<session>/<li>``, built once per loop: pathlib's joins are slow."""
+        session = self.loop.session_folder
+        known = self._loop_folders.pop(li, None) if finished else self._loop_folders.get(li)
+        if known is not None and known[0] is session:
+            return known[1]
+        folder = session / str(li)
+        if not finished:
+            self._loop_folders[li] = (session, folder)
+        return folder
 
     async def _after_step(self, li: int, si: int, name: str) -> bool:
         try:

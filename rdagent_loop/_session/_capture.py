@@ -109,6 +109,7 @@ class Captured:
     buffer: memoryview
     segments: tuple[tuple[str, int, int, bool], ...]
     whole: bool  # the state is one object, not a dict of attributes
+    largest: int = 0  # bytes in the largest segment
 
     def segment(self, index: int) -> memoryview:
         _, start, end, _ = self.segments[index]
@@ -131,6 +132,7 @@ def pickle_state(state: Any, constants: Constants | None = None) -> Captured:
     out = io.BytesIO()
     pickler = pickle.Pickler(out, protocol=PROTOCOL)
     segments = []
+    largest = 0
     if isinstance(state, dict) and all(isinstance(k, str) for k in state):
         for name, value in state.items():
             start = out.tell()
@@ -144,13 +146,16 @@ def pickle_state(state: Any, constants: Constants | None = None) -> Captured:
                 out.write(cached[2])
             else:
                 pickler.dump(value)
-            segments.append((name, start, out.tell(), own))
+            end = out.tell()
+            segments.append((name, start, end, own))
+            largest = max(largest, end - start)
         whole = False
     else:
         pickler.dump(state)
-        segments.append(("", 0, out.tell(), False))
+        largest = out.tell()
+        segments.append(("", 0, largest, False))
         whole = True
-    return Captured(out.getbuffer(), tuple(segments), whole)
+    return Captured(out.getbuffer(), tuple(segments), whole, largest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +171,12 @@ class OutputsBlob:
 
 def outputs_path(folder: Path, loop_idx: int, digest: str) -> Path:
     """``<session>/<loop>/outputs-<sha256 prefix>``: no ``_``, so never taken for a step file."""
-    return folder / str(loop_idx) / f"outputs-{digest[:16]}"
+    return Path(_outputs_file(folder, loop_idx, digest))
+
+
+def _outputs_file(folder: Path, loop_idx: int, digest: str) -> str:
+    # a string: pathlib's joins would cost more than the rest of writing an outputs file
+    return f"{os.fspath(folder)}{os.sep}{loop_idx}{os.sep}outputs-{digest[:16]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,9 +229,7 @@ class SnapshotJob:
         """Whether building the files means cutting and hashing large segments (slow work,
         better done off the event loop's thread)."""
         captured = self.captured
-        if self.index is None or captured is None:
-            return False
-        return any(end - start >= SEGMENT_MIN for _, start, end, _ in captured.segments)
+        return self.index is not None and captured is not None and captured.largest >= SEGMENT_MIN
 
     def run(self) -> JobStatistics:
         """Write the outputs files, the new chunks, then the snapshot file itself, here."""
@@ -245,7 +253,7 @@ class SnapshotJob:
         digest = hashlib.sha256(manifest)
         for part in inline:
             digest.update(part)
-        size = len(manifest) + sum(len(part) for part in inline)
+        size = len(manifest) + sum(map(len, inline))
         header = encode_header(
             "snapshot", self.cls, size, digest.hexdigest(), self.key, self.written_at
         )
@@ -314,9 +322,9 @@ def outputs_operation(blob: OutputsBlob, durability: Durability, key: bytes | No
     or is damaged: replacing it atomically is right either way, and cheaper than reading
     it first (this runs for every finished loop).
     """
-    path = outputs_path(blob.folder, blob.loop_idx, blob.digest)
+    path = _outputs_file(blob.folder, blob.loop_idx, blob.digest)
     head = encode_header("outputs", f"loop {blob.loop_idx}", len(blob.data), blob.digest, key)
-    return FileOp(os.fspath(path), head + blob.data, durability, make_dir=True, done=blob.written)
+    return FileOp(path, head + blob.data, durability, make_dir=True, done=blob.written)
 
 
 def write_outputs(blob: OutputsBlob, durability: Durability, key: bytes | None = None) -> int:
