@@ -17,6 +17,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class WriterProcess:
         self._answers: collections.deque[Callable[[], None] | None] = collections.deque()
         # per frame sent, in order: what to call once it is written
         self._partial = b""
+        self._lock = threading.Lock()  # one reader of the answers at a time
         self._ended = False
         self.error: BaseException | None = None
         self.closed = False
@@ -128,14 +130,24 @@ class WriterProcess:
         return _after(buffers, sent)
 
     def send_all(self, buffers: Buffers) -> None:
-        """Send everything, waiting for room in the pipe (the writer thread does this)."""
+        """Send everything, waiting for room in the pipe (the writer thread does this).
+
+        Answers are taken while it waits: a process blocked on a full answer pipe would
+        never make room in the other one.
+        """
         while buffers:
             buffers = self.send_now(buffers)
             if buffers:
-                select.select([], [self._to], [], 1.0)
+                readable, _, _ = select.select([self._from], [self._to], [], 1.0)
+                if readable:
+                    self.poll()
 
     def poll(self) -> None:
-        """Take the answers that have arrived, without waiting."""
+        """Take the answers that have arrived, without waiting (from any thread)."""
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
         while not self.closed:
             try:
                 data = os.read(self._from, 65536)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,27 @@ def test_files_are_written_in_the_order_sent_and_answered_in_that_order(
     process.close()
     assert process.proc.returncode == 0
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_a_long_send_takes_the_answers_as_it_goes(tmp_path: Path, process: WriterProcess) -> None:
+    # 60,000 answers are more than the answer pipe holds: a sender that only waited for
+    # room to send would wait for ever on a process waiting for room to answer (the first
+    # write fails, so the others are answered at once, without touching the disk)
+    (tmp_path / "file").write_text("not a folder")
+    ops = [FileOp(str(tmp_path / "file" / "x"), b"", "flush")]
+    ops += [FileOp(str(tmp_path / f"{n}"), b"", "flush") for n in range(60_000)]
+    done = threading.Event()
+
+    def send() -> None:
+        process.send_all(process.encode(ops))
+        done.set()
+
+    threading.Thread(target=send, daemon=True).start()
+    assert done.wait(60), "the writer process and its parent wait for each other"
+    process.wait_answered()
+    assert isinstance(process.error, NotADirectoryError)
+    assert process.unanswered == 0
+    assert not (tmp_path / "0").exists()
 
 
 def test_a_failure_is_reported_with_its_errno_and_path_and_nothing_after_it_is_done(
