@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 
+from benchmarks._scratch import scratch
 from rdagent_loop import LoopBase, LoopSettings
 
 Row = tuple[str, str, str]
@@ -143,7 +144,7 @@ def _repeat(fn: Callable[..., Awaitable[T]], backend: str, *args: Any) -> list[T
     return results
 
 
-def _settings(tmp: str, **kwargs: Any) -> LoopSettings:
+def _settings(tmp: str | Path, **kwargs: Any) -> LoopSettings:
     return LoopSettings(trace_path=Path(tmp), progress=False, **kwargs)
 
 
@@ -161,12 +162,8 @@ async def _floor() -> float:
 Mode = Literal["off", "flush", "flush-thread", "fsync"]
 
 
-async def _engine(snapshots: Mode, scratch: str) -> float:
-    # a folder of its own under ``scratch``, removed only once every run is done: on ext4,
-    # creating files right after deleting thousands of others is several times slower
-    # (the allocator skips recently deleted inodes), which would charge one run's cleanup
-    # to the next run
-    tmp = tempfile.mkdtemp(prefix=f"{snapshots}-", dir=scratch)
+async def _engine(snapshots: Mode) -> float:
+    tmp = scratch(f"engine-{snapshots}-")  # kept until exit: see _scratch.py
     if snapshots == "off":
         settings = _settings(tmp, save_snapshots=False)
     elif snapshots == "flush-thread":  # the writer thread, as on a platform without the process
@@ -185,11 +182,10 @@ def _overhead() -> dict[tuple[str, Mode], float]:
     """Steps/s per backend and mode: every "flush" run before any "fsync" run, whose
     write-back would slow what follows."""
     rates = {}
-    with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
-        modes: tuple[Mode, ...] = ("off", "flush", "flush-thread", "fsync")
-        for mode in modes:
-            for backend in BACKENDS:
-                rates[(backend, mode)] = _median(_repeat(_engine, backend, mode, scratch))
+    modes: tuple[Mode, ...] = ("off", "flush", "flush-thread", "fsync")
+    for mode in modes:
+        for backend in BACKENDS:
+            rates[(backend, mode)] = _median(_repeat(_engine, backend, mode))
     return rates
 
 
@@ -233,7 +229,7 @@ async def _parallel(limit: int) -> float:
 
 
 async def _error_release() -> float:
-    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:  # a few files only
         loop = FailsBesideSiblings(_settings(tmp, step_semaphore=4, durability="flush"))
         try:
             await loop.run(loop_n=4)

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 import psutil
 
+from benchmarks._scratch import scratch
 from rdagent_loop import LoopBase, LoopSettings, step
 
 Row = tuple[str, str, str]
@@ -178,7 +179,7 @@ def _pool_steady(backend: str) -> float:
     from rdagent_loop._executors._process import ProcessExecutor
     from rdagent_loop._steps import StepOptions
 
-    loop = Heavy(_settings(Path(tempfile.mkdtemp())), seconds=SLOW_STEP_S)
+    loop = Heavy(_settings(scratch("pool-")), seconds=SLOW_STEP_S)  # no snapshots: a folder only
     wall = 0.0
 
     async def main() -> None:

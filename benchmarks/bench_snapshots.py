@@ -1,6 +1,6 @@
 """Snapshot costs (DESIGN.md §4): flat per-step cost, flat disk, and durable-write overhead.
 
-``python benchmarks/bench_snapshots.py`` prints a table; ``run()`` returns its rows
+``python -m benchmarks.bench_snapshots`` prints a table; ``run()`` returns its rows
 ``(what, figure, bar)`` for ``python -m benchmarks``.
 
 * per-step snapshot time and bytes at loop 10 and at loop 200, steps returning ~100 KB per
@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
 
+from benchmarks._scratch import scratch
 from rdagent_loop import LoopBase, LoopSettings, list_snapshots
 
 Row = tuple[str, str, str]
@@ -177,9 +176,8 @@ class NoOp(LoopBase):
         return None
 
 
-def _steps_per_second(root: Path, mode: str, steps: int) -> float:
-    trace = root / f"noop-{mode}"
-    shutil.rmtree(trace, ignore_errors=True)
+def _steps_per_second(mode: str, steps: int) -> float:
+    trace = scratch(f"noop-{mode}-")  # a new folder each run, none deleted: see _scratch.py
     if mode == "none":
         settings = _settings(trace, save_snapshots=False)
     else:
@@ -191,13 +189,13 @@ def _steps_per_second(root: Path, mode: str, steps: int) -> float:
     return steps / (time.perf_counter() - started)
 
 
-def durability(root: Path) -> list[Row]:
+def durability() -> list[Row]:
     rates: dict[str, list[float]] = {"none": [], "flush": []}
     for _ in range(3):
         for mode, found in rates.items():
-            found.append(_steps_per_second(root, mode, NOOP_STEPS))
+            found.append(_steps_per_second(mode, NOOP_STEPS))
     median = {mode: statistics.median(found) for mode, found in rates.items()}
-    median["fsync"] = _steps_per_second(root, "fsync", FSYNC_STEPS)  # slow: once, fewer
+    median["fsync"] = _steps_per_second("fsync", FSYNC_STEPS)  # slow: once, fewer
     return [
         (
             f"{NOOP_STEPS} no-op steps, snapshots flushed",
@@ -220,9 +218,8 @@ def durability(root: Path) -> list[Row]:
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="bench-snapshots-") as tmp:
-        root = Path(tmp)
-        return [*durability(root), *flat_cost(root), *flat_disk(root)]
+    root = scratch("snapshots-")
+    return [*durability(), *flat_cost(root), *flat_disk(root)]
 
 
 def main() -> None:
