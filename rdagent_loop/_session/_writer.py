@@ -30,14 +30,14 @@ import anyio
 
 from ._atomic import FileOp
 from ._capture import SnapshotJob
-from ._writer_process import Buffers, WriterProcess, available
+from ._writer_process import Frames, WriterProcess, available
 
 log = logging.getLogger("rdagent_loop")
 
 WriterMode = Literal["auto", "process", "thread"]
 POLL_JOBS = 16
 POLL_SECONDS = 0.05
-_Item = SnapshotJob | Buffers  # a job, or frames the pipe did not take at once
+_Item = SnapshotJob | Frames  # a job to build and send, or frames to send
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +142,18 @@ class SnapshotWriter:
             )
         self._jobs += 1
         process = self._process if self._use_process is not None else self._start_process()
-        if process is None or job.chunked or self._submitted != self._finished:
-            self._hand_to_thread(job, size)  # after what the thread holds, to keep the order
+        if process is None or job.chunked:
+            self._hand_to_thread(job, size)  # slow to build: the thread does it
             return True
-        rest = process.send_now(process.encode(self._operations(job)))
-        if rest:
-            self._hand_to_thread(rest, sum(len(buffer) for buffer in rest))
+        # built here even while the thread is busy (it then only sends): a thread gets the
+        # GIL back from the event loop too seldom to build jobs as fast as they come
+        frames = process.encode(self._operations(job))
+        if self._submitted != self._finished:  # behind what the thread holds
+            self._hand_to_thread(frames, frames.nbytes)
+            return True
+        rest = process.send_now(frames)  # nothing ahead of it: straight into the pipe
+        if rest is not None:
+            self._hand_to_thread(rest, rest.nbytes)
         return True
 
     def _start_process(self) -> WriterProcess | None:
@@ -175,13 +181,14 @@ class SnapshotWriter:
         self._queue.put((item, size))
 
     def _operations(self, job: SnapshotJob) -> list[FileOp]:
-        """The job's files. Called by the submitter or the writer thread, never both at
-        once (the submitter builds a job only while the thread has nothing), so the chunk
-        counters have one writer at a time. The ``done`` of the last file holds no reference
-        to the job, which can go as soon as its bytes are sent."""
+        """The job's files. Chunked jobs are built by the writer thread only, others by the
+        submitter only (while the thread may build a chunked one), so each chunk counter
+        has one writer. The ``done`` of the last file holds no reference to the job, which
+        can go as soon as its bytes are sent."""
         ops = job.operations(self._job_done)
-        self._new += job.chunks_written
-        self._reused += job.chunks_reused
+        if job.chunks_written or job.chunks_reused:
+            self._new += job.chunks_written
+            self._reused += job.chunks_reused
         return ops
 
     def _job_done(self) -> None:

@@ -32,6 +32,20 @@ _IOV_MAX = 512
 Buffers = list[bytes | bytearray | memoryview]
 
 
+class Frames:
+    """Frames to send, and the ``done`` of each (registered when their sending starts)."""
+
+    __slots__ = ("buffers", "dones")
+
+    def __init__(self, buffers: Buffers, dones: list[Callable[[], None] | None]) -> None:
+        self.buffers = buffers
+        self.dones = dones
+
+    @property
+    def nbytes(self) -> int:
+        return sum(map(len, self.buffers))
+
+
 def available() -> bool:
     """Whether the writer process can run here: Linux (it relies on ``PR_SET_PDEATHSIG``),
     and ``sys.executable`` a Python interpreter, not a frozen application or a server that
@@ -101,10 +115,9 @@ class WriterProcess:
     def unanswered(self) -> int:
         return len(self._answers)
 
-    def encode(self, ops: Sequence[FileOp]) -> Buffers:
-        """The frames for ``ops``; their answers are expected from now on, so send them next."""
+    def encode(self, ops: Sequence[FileOp]) -> Frames:
+        """The frames for ``ops``, to send in the order they are to be written."""
         buffers: Buffers = []
-        answers = self._answers
         for op in ops:
             path = os.fsencode(op.path)
             if op.data is None:
@@ -116,28 +129,33 @@ class WriterProcess:
                     | (MAKE_DIR if op.make_dir else 0)
                 )
                 buffers += (FRAME.pack(WRITE, flags, len(path), len(op.data)), path, op.data)
-            answers.append(op.done)
-        return buffers
+        return Frames(buffers, [op.done for op in ops])
 
-    def send_now(self, buffers: Buffers) -> Buffers:
-        """Send what the pipe takes without waiting; return the rest (empty: all sent)."""
+    def send_now(self, frames: Frames) -> Frames | None:
+        """Send what the pipe takes without waiting; return the rest (None: all sent)."""
+        if frames.dones:  # answers are expected in the order sending starts
+            self._answers.extend(frames.dones)
+            frames.dones = []
+        buffers = frames.buffers
         try:
             sent = os.writev(self._to, buffers[:_IOV_MAX])
         except BlockingIOError:
-            return buffers
+            return frames
         except BrokenPipeError:
             raise self._died() from None
-        return _after(buffers, sent)
+        rest = _after(buffers, sent)
+        return Frames(rest, []) if rest else None
 
-    def send_all(self, buffers: Buffers) -> None:
+    def send_all(self, frames: Frames) -> None:
         """Send everything, waiting for room in the pipe (the writer thread does this).
 
         Answers are taken while it waits: a process blocked on a full answer pipe would
         never make room in the other one.
         """
-        while buffers:
-            buffers = self.send_now(buffers)
-            if buffers:
+        rest: Frames | None = frames
+        while rest is not None:
+            rest = self.send_now(rest)
+            if rest is not None:
                 readable, _, _ = select.select([self._from], [self._to], [], 1.0)
                 if readable:
                     self.poll()
@@ -186,7 +204,7 @@ class WriterProcess:
     def close(self) -> None:
         """Send ``END`` after everything else, and wait for the process to finish."""
         try:
-            self.send_all([FRAME.pack(END, 0, 0, 0)])
+            self.send_all(Frames([FRAME.pack(END, 0, 0, 0)], []))
         except SnapshotError as exc:
             if self.error is None and self._answers:
                 self.error = exc
@@ -223,4 +241,4 @@ def _after(buffers: Sequence[bytes | bytearray | memoryview], sent: int) -> Buff
     return []
 
 
-__all__ = ("WriterProcess", "available")
+__all__ = ("Frames", "WriterProcess", "available")

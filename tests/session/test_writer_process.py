@@ -295,3 +295,34 @@ async def test_after_a_failed_write_chunks_of_dropped_snapshots_are_written_agai
     snapshot = read_snapshot(session / "0" / "1_s1", None)
     snapshot.check_chunks(deep=True)  # every chunk it names is there, whole
     assert not (session / "0" / "0_s0").exists()
+
+
+@pytest.mark.anyio
+async def test_jobs_built_here_while_the_thread_builds_one_are_answered_in_order(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    from rdagent_loop._session import ChunkIndex, OutputsBlob
+
+    session = tmp_path / "__session__"
+    index = ChunkIndex(session / ".chunks")
+    written: list[int] = []
+
+    def job(n: int, **attributes: Any) -> Any:
+        data = b"outputs of loop %d" % n
+        blob = OutputsBlob(
+            session, n, hashlib.sha256(data).hexdigest(), data, lambda: written.append(n)
+        )
+        path = session / str(n) / "3_record"
+        state = State(**attributes)
+        return make_job(state, path, durability="flush", key=None, index=index, outputs=[blob])
+
+    async with SnapshotWriter(mode="process") as writer:
+        assert writer.submit(job(0, big=os.urandom(300_000)))  # chunked: the thread builds it
+        for n in range(1, 30):
+            assert writer.submit(job(n, value=n))  # built here, sent behind it
+    assert written == list(range(30))  # each file's done, in the order the files were sent
+    assert writer.statistics().jobs_done == 30
+    for n in range(30):
+        read_snapshot(session / str(n) / "3_record", None).check_chunks(deep=True)
