@@ -48,6 +48,7 @@ import psutil
 
 from .._compat import add_note
 from .._errors import WorkerCrashedError
+from .._pipes import grow_pipe
 from .._session._capture import quiet_threads
 from . import _wire
 from ._base import StepCall
@@ -58,7 +59,6 @@ _BOOT = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
     "from rdagent_loop._executors._worker import main; main()"
 )
-_PIPE_SIZE = 1 << 20
 _REAP_TIMEOUT = 10.0
 _PICKLE_ATTEMPTS = 3
 
@@ -110,7 +110,7 @@ class _Worker:
         self.pid = self.proc.pid
         for fd in (self.to_fd, self.from_fd):
             os.set_blocking(fd, False)
-            _grow_pipe(fd)
+            grow_pipe(fd)
         self.pidfd: int | None = None
         if hasattr(os, "pidfd_open"):
             with contextlib.suppress(OSError):
@@ -372,16 +372,6 @@ def _shared_region() -> _wire.SharedRegion | None:
 
 def _sys_path() -> list[str]:
     return [p if p else os.getcwd() for p in sys.path if isinstance(p, str)]
-
-
-def _grow_pipe(fd: int) -> None:
-    """Fewer wake-ups for large payloads (Linux only; the default 64 KiB works too)."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-    except (ImportError, AttributeError, OSError):
-        pass
 
 
 def _preparation_data() -> dict[str, Any]:

@@ -15,7 +15,6 @@ write job), ``_writer`` (the run's snapshot writer), ``_writer_process`` and ``_
 
 from ._atomic import Durability, write_atomic
 from ._capture import (
-    JobStatistics,
     OutputsBlob,
     SnapshotJob,
     capturing,
@@ -40,7 +39,6 @@ from ._writer import SnapshotWriter, WriterStatistics
 __all__ = (
     "ChunkIndex",
     "Durability",
-    "JobStatistics",
     "OutputsBlob",
     "Snapshot",
     "SnapshotInfo",

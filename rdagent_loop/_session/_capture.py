@@ -25,7 +25,6 @@ import pickle
 import re
 import sys
 import threading
-import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -179,14 +178,6 @@ def _outputs_file(folder: Path, loop_idx: int, digest: str) -> str:
     return f"{os.fspath(folder)}{os.sep}{loop_idx}{os.sep}outputs-{digest[:16]}"
 
 
-@dataclass(frozen=True, slots=True)
-class JobStatistics:
-    bytes_written: int
-    chunks_written: int
-    chunks_reused: int
-    seconds: float
-
-
 def store_for(path: str | Path) -> Path | None:
     """The chunk store of a snapshot at ``path``: its session's, if ``path`` follows RD-Agent's
     layout ``<session>/<loop>/<step>_<name>``; else None (the snapshot holds all its bytes)."""
@@ -231,13 +222,10 @@ class SnapshotJob:
         captured = self.captured
         return self.index is not None and captured is not None and captured.largest >= SEGMENT_MIN
 
-    def run(self) -> JobStatistics:
+    def run(self) -> None:
         """Write the outputs files, the new chunks, then the snapshot file itself, here."""
-        started = time.perf_counter()
-        written = sum(op.apply() for op in self.operations())
-        return JobStatistics(
-            written, self.chunks_written, self.chunks_reused, time.perf_counter() - started
-        )
+        for op in self.operations():
+            op.apply()
 
     def operations(self, done: Callable[[], None] | None = None) -> list[FileOp]:
         """The files to write, in order: outputs, new chunks, the snapshot file last (with
@@ -358,7 +346,6 @@ def make_job(
 
 __all__ = (
     "Captured",
-    "JobStatistics",
     "OutputsBlob",
     "SnapshotJob",
     "capturing",

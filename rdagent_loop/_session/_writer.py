@@ -28,6 +28,7 @@ from typing import Literal
 
 import anyio
 
+from .._compat import add_note
 from ._atomic import FileOp
 from ._capture import SnapshotJob
 from ._writer_process import Frames, WriterProcess, available
@@ -263,9 +264,7 @@ class SnapshotWriter:
                     self._write(item)
                 except BaseException as exc:
                     if isinstance(item, SnapshotJob):
-                        note = getattr(exc, "add_note", None)  # Python 3.11+
-                        if note is not None:
-                            note(f"while writing the snapshot {item.path}")
+                        add_note(exc, f"while writing the snapshot {item.path}")
                     self._set_error(exc)
             self._finished_bytes += size
             self._finished += 1

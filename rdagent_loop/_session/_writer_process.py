@@ -21,12 +21,13 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .._compat import add_note
 from .._errors import SnapshotError
+from .._pipes import PIPE_SIZE, grow_pipe
 from ._atomic import FileOp
 from ._disk_worker import END, FRAME, FSYNC, MAKE_DIR, SYNC_DIR, SYNC_PARENT, WRITE
 
 WORKER = Path(__file__).with_name("_disk_worker.py")
-PIPE_SIZE = 1 << 20
 _IOV_MAX = 512
 
 Buffers = list[bytes | bytearray | memoryview]
@@ -68,9 +69,7 @@ def _rebuild(report: dict[str, object]) -> BaseException:
         exc = OSError(code, strerror, filename) if filename is not None else OSError(code, strerror)
     else:
         exc = SnapshotError(f"{report.get('type')}: {report.get('message')}")
-    note = getattr(exc, "add_note", None)  # Python 3.11+
-    if note is not None:
-        note(f"while writing {path} (in the snapshot writer process)")
+    add_note(exc, f"while writing {path} (in the snapshot writer process)")
     return exc
 
 
@@ -91,12 +90,7 @@ class WriterProcess:
         self._from = self.proc.stdout.fileno()
         for fd in (self._to, self._from):
             os.set_blocking(fd, False)
-        try:
-            import fcntl
-
-            fcntl.fcntl(self._to, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except (ImportError, AttributeError, OSError):  # pragma: no cover - the default works
-            pass
+        grow_pipe(self._to)
         self._answers: collections.deque[Callable[[], None] | None] = collections.deque()
         # per frame sent, in order: what to call once it is written
         self._partial = b""
@@ -241,4 +235,4 @@ def _after(buffers: Sequence[bytes | bytearray | memoryview], sent: int) -> Buff
     return []
 
 
-__all__ = ("Frames", "WriterProcess", "available")
+__all__ = ("PIPE_SIZE", "Frames", "WriterProcess", "available")
