@@ -4,7 +4,8 @@
 ``(what, figure, bar)`` for ``python -m benchmarks``.
 
 * per-step snapshot time and bytes at loop 10 and at loop 200, steps returning ~100 KB per
-  loop: each snapshot is taken by the real engine and waited for (capture + write);
+  loop: each snapshot is taken by the real engine and waited for (capture + write, until
+  ``drain()`` returns);
 * bytes on disk after 200 loops whose ``record`` adds 100 KB to ``self``, and a check that
   every snapshot is still loadable;
 * steps/s of 2000 no-op steps with fsync'd, flushed and no snapshots.
@@ -23,6 +24,8 @@ import anyio
 
 from benchmarks._scratch import scratch
 from rdagent_loop import LoopBase, LoopSettings, list_snapshots
+from rdagent_loop._current import run_of
+from rdagent_loop._session import SnapshotWriter
 
 Row = tuple[str, str, str]
 
@@ -41,37 +44,56 @@ def _settings(trace: Path, **extra: Any) -> LoopSettings:
 
 
 class Outputs(LoopBase):
-    """Four steps returning 25 KB each; every snapshot is timed until it is on disk."""
+    """Four steps returning 25 KB each; every snapshot is timed until it is on disk: from the
+    start of ``dump`` until the writer's ``drain()`` returns, awaited by the next step (so the
+    engine's work between the two counts too; it does not grow as the run does)."""
 
-    # (loop, seconds, bytes written); a class attribute, so no snapshot carries it
+    # (loop, seconds, bytes written); class attributes, so no snapshot carries them
     timings: ClassVar[list[tuple[int, float, int]]] = []
+    timing: ClassVar[tuple[int, float, int] | None] = None  # the snapshot being timed
 
-    def propose(self, prev_out: dict[str, Any]) -> bytes:
+    async def propose(self, prev_out: dict[str, Any]) -> bytes:
+        await self._written()
         return os.urandom(OUTPUT_PER_LOOP // 4)
 
-    def coding(self, prev_out: dict[str, Any]) -> bytes:
+    async def coding(self, prev_out: dict[str, Any]) -> bytes:
+        await self._written()
         return os.urandom(OUTPUT_PER_LOOP // 4)
 
-    def running(self, prev_out: dict[str, Any]) -> bytes:
+    async def running(self, prev_out: dict[str, Any]) -> bytes:
+        await self._written()
         return os.urandom(OUTPUT_PER_LOOP // 4)
 
-    def record(self, prev_out: dict[str, Any]) -> bytes:
+    async def record(self, prev_out: dict[str, Any]) -> bytes:
+        await self._written()
         return os.urandom(OUTPUT_PER_LOOP // 4)
 
     def dump(self, path: str | Path) -> None:
-        writer = getattr(self._run_state, "snapshot_writer", None)
+        writer = _writer(self)
         before = writer.statistics().bytes_written if writer is not None else 0
         started = time.perf_counter()
         super().dump(path)
-        if writer is not None:
-            writer.flush()  # measure the write too, not only the capture
+        Outputs.timing = (int(Path(path).parent.name), started, before)
+
+    async def _written(self) -> None:
+        """Stop the clock of the last snapshot once it is on disk."""
+        timing, Outputs.timing = Outputs.timing, None
+        writer = _writer(self)
+        if timing is None or writer is None:
+            return
+        await writer.drain()
+        loop_idx, started, before = timing
         seconds = time.perf_counter() - started
-        written = writer.statistics().bytes_written - before if writer is not None else 0
-        self.timings.append((int(Path(path).parent.name), seconds, written))
+        self.timings.append((loop_idx, seconds, writer.statistics().bytes_written - before))
+
+
+def _writer(loop: LoopBase) -> SnapshotWriter | None:
+    run = run_of(loop)
+    return None if run is None else run.writer
 
 
 def flat_cost(root: Path) -> list[Row]:
-    Outputs.timings = []
+    Outputs.timings, Outputs.timing = [], None
     loop = Outputs(_settings(root / "flat"))
     anyio.run(lambda: loop.run(loop_n=FLAT_LOOPS))
     early = [t for t in loop.timings if 5 <= t[0] < 15]

@@ -10,13 +10,13 @@ from ._errors import SnapshotError as SnapshotError
 from ._errors import SnapshotWarning as SnapshotWarning
 from ._errors import StepTimeoutError as StepTimeoutError
 from ._errors import WorkerCrashedError as WorkerCrashedError
+from ._handle import LoopRun as LoopRun
+from ._handle import ResultStream as ResultStream
 from ._loop import LoopBase as LoopBase
 from ._loop import LoopMeta as LoopMeta
 from ._results import LoopTrace as LoopTrace
 from ._results import RunSummary as RunSummary
 from ._results import StepResult as StepResult
-from ._run import LoopRun as LoopRun
-from ._run import ResultStream as ResultStream
 from ._run import RunStatistics as RunStatistics
 from ._session import SnapshotInfo as SnapshotInfo
 from ._session import list_snapshots as list_snapshots

@@ -190,3 +190,23 @@ class StepBudget:
         if self.remaining is not None:
             self.remaining -= 1
         self._notify()
+
+
+def carry_budgets(
+    saved_step_n: int | None,
+    saved_loop_n: int | None,
+    started_loops: int,
+    *,
+    step_n: int | None,
+    loop_n: int | None,
+) -> tuple[int | None, int | None]:
+    """The ``(step_n, loop_n)`` a run starts with, from the saved ones and ``run()``'s arguments.
+
+    One rule, asked by the engine and by the CLI's resume: an argument wins; a step budget
+    that was spent ended its run, so the next run has none (an unspent one, left by a crash,
+    carries on); a ``loop_n`` argument counts the loops a resumed session had started first.
+    """
+    if step_n is None:
+        step_n = None if saved_step_n == 0 else saved_step_n
+    loop_n = saved_loop_n if loop_n is None else max(0, loop_n - started_loops)
+    return step_n, loop_n

@@ -36,10 +36,5 @@ def step_context(loop_idx: int, step_name: str) -> Iterator[None]:
         _current_step.reset(token)
 
 
-def current_step() -> tuple[int, str] | None:
-    """``(loop_idx, step_name)`` of the step running in this task, if any."""
-    return _current_step.get()
-
-
 log = logging.getLogger("rdagent_loop")
 log.addFilter(StepContextFilter())

@@ -6,28 +6,28 @@ import logging
 from array import array
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from . import _session
 from ._budget import Timer, check_count, parse_duration
+from ._current import run_of
 from ._errors import LoopResumeError, LoopTerminationError
 from ._finished import FinishedLoops, LoopMap, archive_finished
+from ._handle import LoopRun
 from ._results import LoopTrace
 from ._settings import LoopSettings
 from ._step_index import StepIndex
 from ._steps import collect_steps
-
-if TYPE_CHECKING:
-    from ._run import LoopRun, RunState
 
 log = logging.getLogger("rdagent_loop")
 
 L = TypeVar("L", bound="LoopBase")
 
 # attributes that belong to a live run, never to a snapshot
-_RUNTIME_ATTRS = frozenset(
-    {"_run_state", "_snapshot_index", "_snapshot_cache", "_snapshot_unsigned"}
-)
+_RUNTIME_ATTRS = frozenset({"_running", "_snapshot_index", "_snapshot_cache", "_snapshot_unsigned"})
+
+# what a withdraw keeps of the live loop when it takes a restored snapshot's state
+_LIVE_ATTRS = ("timer", "settings", "session_folder", "step_n", "_running")
 
 # self-contained attributes that rarely change: pickled again only when they do
 _CONSTANT_ATTRS = ("settings", "session_folder", "_finished")
@@ -111,7 +111,7 @@ class LoopBase(metaclass=LoopMeta):
         self.step_n: int | None = None  # steps still to complete
         # loop -> the snapshot (relative to session_folder) a withdraw of that loop restores
         self.withdraw_base: dict[int, str | None] = {}
-        self._run_state: RunState | None = None
+        self._running = False  # a run() is consuming this loop: one at a time
 
     # -- the steps ------------------------------------------------------------------------
 
@@ -132,12 +132,12 @@ class LoopBase(metaclass=LoopMeta):
 
         The event-driven replacement of polling ``get_unfinished_loop_cnt`` with ``sleep(1)``.
         """
-        state = self._run_state
+        run = run_of(self)
         limit = self.settings.max_parallel
         while self.get_unfinished_loop_cnt(self.loop_idx) >= limit:
-            if state is None:
+            if run is None:
                 raise RuntimeError("wait_for_capacity() waits for loops of a running run()")
-            await state.wait_loop_finished()
+            await run.wait_loop_finished()
 
     def _check_exit_conditions_on_step(
         self, loop_id: int | None = None, step_id: int | None = None
@@ -162,8 +162,6 @@ class LoopBase(metaclass=LoopMeta):
         (``"90s"``, ``"0.5h"``, ``"2h"``, ``"1d"``), whichever comes first. Arguments left
         out keep what a resumed session saved.
         """
-        from ._run import LoopRun
-
         check_count(step_n, "step_n")
         check_count(loop_n, "loop_n")
         duration = None if all_duration is None else parse_duration(all_duration)
@@ -208,8 +206,8 @@ class LoopBase(metaclass=LoopMeta):
             if outputs:  # archived already: their files must exist whatever happens here
                 _session.SnapshotJob(None, "", None, None, settings.durability, None, outputs).run()
             raise
-        writer = getattr(self._run_state, "snapshot_writer", None)
-        if writer is None or not writer.submit(job):
+        run = run_of(self)
+        if run is None or not run.writer.submit(job):
             job.run()
 
     @classmethod
@@ -271,6 +269,14 @@ class LoopBase(metaclass=LoopMeta):
             # the fork holds its starting point, so it can be loaded before its first step
             loop.dump(new_folder / file.parent.name / file.name)
         return loop
+
+    def _become(self, restored: LoopBase) -> None:
+        """Take the state of ``restored``, this loop as a snapshot saved it (a withdraw);
+        what belongs to the live run stays: the timer, settings, session folder, step budget."""
+        state = dict(restored.__dict__)
+        state.update((k, self.__dict__[k]) for k in _LIVE_ATTRS if k in self.__dict__)
+        self.__dict__.clear()
+        self.__dict__.update(state)
 
     def _archive_finished(self) -> list[_session.OutputsBlob]:
         """Hand finished loops' outputs to the archive (each is written once)."""
@@ -338,7 +344,7 @@ class LoopBase(metaclass=LoopMeta):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._run_state = None
+        self._running = False
         steps = state.get("step_idx")
         if isinstance(steps, array):
             self.step_idx = StepIndex(enumerate(steps))

@@ -9,14 +9,13 @@ import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ._loop import LoopBase
     from ._results import StepResult
 
 
 class Progress(Protocol):
     def loop_admitted(self, loop_idx: int) -> None: ...
     def step_started(self, loop_idx: int, step_idx: int, name: str) -> None: ...
-    def step_finished(self, result: StepResult) -> None: ...
+    def step_completed(self, result: StepResult) -> None: ...
     def loop_finished(self, loop_idx: int) -> None: ...
     def close(self) -> None: ...
 
@@ -30,7 +29,7 @@ class NoProgress:
     def step_started(self, loop_idx: int, step_idx: int, name: str) -> None:
         pass
 
-    def step_finished(self, result: StepResult) -> None:
+    def step_completed(self, result: StepResult) -> None:
         pass
 
     def loop_finished(self, loop_idx: int) -> None:
@@ -78,7 +77,7 @@ class TqdmProgress:
         bar.n = step_idx
         bar.set_postfix_str(name)
 
-    def step_finished(self, result: StepResult) -> None:
+    def step_completed(self, result: StepResult) -> None:
         self._overall.update(1)
         self._overall.set_postfix(loops=len(self._loops))
         bar = self._loops.get(result.loop_idx)
@@ -100,8 +99,8 @@ class TqdmProgress:
         self._overall.close()
 
 
-def make_progress(loop: LoopBase, *, step_n: int | None, loop_n: int | None) -> Progress:
-    if not loop.settings.progress or not sys.stderr.isatty():
+def make_progress(steps: list[str], total: int | None, *, enabled: bool) -> Progress:
+    """The display for a run of ``total`` steps (None: unknown), if enabled and on a terminal."""
+    if not enabled or not sys.stderr.isatty():
         return NoProgress()
-    total = step_n if step_n is not None else (loop_n * len(loop.steps) if loop_n else None)
-    return TqdmProgress(list(loop.steps), total)
+    return TqdmProgress(list(steps), total)

@@ -22,11 +22,6 @@ class StepLimit:
     def __init__(self, limit: int) -> None:
         self._semaphore = anyio.Semaphore(limit)
 
-    @property
-    def value(self) -> int:
-        """Free slots."""
-        return self._semaphore.value
-
     async def __aenter__(self) -> None:
         semaphore = self._semaphore
         try:

@@ -17,7 +17,13 @@ def virtual_clock_params() -> list[Any]:
     """Backends with a virtual clock that jumps whenever every task is blocked."""
     return [
         pytest.param(
-            ("asyncio", {"loop_factory": functools.partial(looptime.new_event_loop, start=0)}),
+            (
+                "asyncio",
+                {
+                    "loop_factory": functools.partial(looptime.new_event_loop, start=0),
+                    "debug": True,
+                },
+            ),
             id="asyncio-looptime",
         ),
         pytest.param(

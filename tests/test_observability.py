@@ -31,9 +31,11 @@ async def test_every_step_record_names_its_loop_and_step(
 
 def test_the_progress_display_is_off_without_a_terminal(tmp_path: Path) -> None:
     loop = Chain(LoopSettings(trace_path=tmp_path, progress=True))
-    assert isinstance(make_progress(loop, step_n=None, loop_n=3), NoProgress)  # pytest: no tty
     assert isinstance(
-        make_progress(Chain(LoopSettings(trace_path=tmp_path, progress=False)), step_n=1, loop_n=1),
+        make_progress(loop.steps, 12, enabled=loop.settings.progress), NoProgress
+    )  # pytest: no tty
+    assert isinstance(
+        make_progress(Chain.steps, 1, enabled=False),
         NoProgress,
     )
 
@@ -47,7 +49,7 @@ def test_the_progress_display_shows_loops_in_flight_and_overall_steps() -> None:
     progress.loop_admitted(0)
     progress.loop_admitted(1)
     progress.step_started(0, 0, "s0")
-    progress.step_finished(StepResult(0, 0, "s0", 1, None, now, now))
+    progress.step_completed(StepResult(0, 0, "s0", 1, None, now, now))
     progress.step_started(1, 0, "s0")
     text = out.getvalue()
     assert "loop 0" in text

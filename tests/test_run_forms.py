@@ -13,6 +13,7 @@ import trio
 from looplib import Chain
 
 from rdagent_loop import LoopBase, LoopSettings, RunSummary, StepResult
+from rdagent_loop._outlet import DiscardOutlet
 
 pytestmark = pytest.mark.anyio
 
@@ -74,13 +75,13 @@ async def test_await_returns_a_frozen_summary(settings: LoopSettings) -> None:
 async def test_await_queues_no_results_since_nobody_reads_them(settings: LoopSettings) -> None:
     handle = Chain(settings).run(loop_n=3)
     assert await handle == RunSummary(steps=12, loops=3, reason="loop_n")
-    assert handle._state is not None
-    assert handle._state.stream_results is False  # no forwarding, no stream, per step
+    assert handle._run is not None
+    assert isinstance(handle._run.outlet, DiscardOutlet)  # no stream: nothing per step
     assert handle.statistics().results_pending == 0
     streamed = Chain(settings).run(loop_n=1)
     async with streamed as results:
-        assert streamed._state is not None
-        assert streamed._state.stream_results is True
+        assert streamed._run is not None
+        assert not isinstance(streamed._run.outlet, DiscardOutlet)
         assert len([r async for r in results]) == 4
 
 
@@ -165,15 +166,22 @@ async def test_bare_async_for_raises_the_step_error_from_anext(settings: LoopSet
 # -- a consumer that leaves early ----------------------------------------------------------
 
 
-async def wait_until_stopped(loop: LoopBase, timeout: float = 5) -> None:
+HANG = 30  # seconds: a bound only a hang reaches, however slow the machine
+
+
+async def wait_until_stopped(loop: LoopBase, timeout: float = HANG) -> None:
     with anyio.fail_after(timeout):
-        while loop._run_state is not None:
+        while loop._running:
             await anyio.sleep(0.01)
 
 
-async def assert_nothing_runs_any_more(loop: Chain) -> None:
-    await wait_until_stopped(loop, timeout=0.5)
+async def assert_nothing_runs_any_more(loop: Chain, executed_when_left: int) -> None:
+    """The engine stops promptly: once the consumer has left, no step starts any more, and of
+    those in flight (at most ``step_semaphore``, 4 here) none goes past its current await.
+    Counted in steps, not seconds, so a slow machine changes nothing."""
+    await wait_until_stopped(loop)
     executed = len(loop.executed)
+    assert executed - executed_when_left <= 4
     await anyio.sleep(0.3)
     assert len(loop.executed) == executed
 
@@ -183,7 +191,7 @@ async def test_break_stops_the_engine_promptly(settings: LoopSettings) -> None:
     async for result in loop.run():
         if result.loop_idx == 2:
             break
-    await assert_nothing_runs_any_more(loop)
+    await assert_nothing_runs_any_more(loop, len(loop.executed))
 
 
 async def test_break_while_awaiting_between_items(settings: LoopSettings) -> None:
@@ -194,8 +202,9 @@ async def test_break_while_awaiting_between_items(settings: LoopSettings) -> Non
         count += 1
         if count == 5:
             break
+    left = len(loop.executed)
     await anyio.sleep(0.01)
-    await assert_nothing_runs_any_more(loop)
+    await assert_nothing_runs_any_more(loop, left)
 
 
 async def test_the_consumers_own_exception_propagates_unwrapped(settings: LoopSettings) -> None:
@@ -204,7 +213,7 @@ async def test_the_consumers_own_exception_propagates_unwrapped(settings: LoopSe
         async for _ in loop.run():
             raise KeyError("mine")
     assert type(info.value) is KeyError
-    await assert_nothing_runs_any_more(loop)
+    await assert_nothing_runs_any_more(loop, len(loop.executed))
 
 
 async def test_outside_cancellation_of_a_bare_async_for(settings: LoopSettings) -> None:
@@ -213,7 +222,7 @@ async def test_outside_cancellation_of_a_bare_async_for(settings: LoopSettings) 
         async for _ in loop.run():
             pass
     assert scope.cancelled_caught
-    await assert_nothing_runs_any_more(loop)
+    await assert_nothing_runs_any_more(loop, len(loop.executed))
 
 
 async def test_outside_cancellation_of_async_with(settings: LoopSettings) -> None:
@@ -223,7 +232,7 @@ async def test_outside_cancellation_of_async_with(settings: LoopSettings) -> Non
             async for _ in results:
                 pass
     assert scope.cancelled_caught
-    assert loop._run_state is None  # structured: nothing outlives the block
+    assert not loop._running  # structured: nothing outlives the block
     executed = len(loop.executed)
     await anyio.sleep(0.2)
     assert len(loop.executed) == executed
@@ -237,7 +246,7 @@ async def test_leaving_async_with_early_stops_everything_before_the_block_ends(
         async for result in results:
             if result.loop_idx == 3:
                 break
-    assert loop._run_state is None
+    assert not loop._running
     executed = len(loop.executed)
     await anyio.sleep(0.2)
     assert len(loop.executed) == executed
@@ -256,4 +265,4 @@ async def test_explicit_aclose_waits_for_the_engine(settings: LoopSettings) -> N
     iterator = aiter(loop.run())
     await anext(iterator)
     await iterator.aclose()  # type: ignore[attr-defined]
-    assert loop._run_state is None
+    assert not loop._running

@@ -15,11 +15,11 @@ as the run, across generations, and are shut down when it ends, however it ends.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .._settings import ExecutorName
+from .._settings import ExecutorName, LoopSettings
 from .._steps import StepOptions, step_options
 from ._base import Executor, StepCall
 from ._inline import InlineExecutor
@@ -35,38 +35,38 @@ __all__ = ("Executor", "StepCall", "StepRunner")
 class StepRunner:
     """Runs step functions for one ``run()``; lives as long as the run (across generations).
 
-    ``executors`` replaces the built-in executor of a name (a fake in tests); the runner
-    closes only the executors it created itself.
+    It holds each step's policies (executor, limit, timeout, retries: the ``@step`` decorator
+    wins over the settings) and the executors the run uses, created as steps first need them.
     """
 
-    def __init__(
-        self, loop: LoopBase, executors: Mapping[ExecutorName, Executor] | None = None
-    ) -> None:
-        self.loop = loop
-        self.settings = loop.settings
-        cls = type(loop)
-        self.choice = choose_executors(cls, loop.steps, self.settings)
+    def __init__(self, loop_class: type[LoopBase], settings: LoopSettings) -> None:
+        steps = loop_class.steps
+        self.settings = settings
+        self.choice = choose_executors(loop_class, steps, settings)
         self.options: dict[str, StepOptions] = {
-            name: step_options(getattr(cls, name)) for name in loop.steps
+            name: step_options(getattr(loop_class, name)) for name in steps
         }
-        self._given: dict[ExecutorName, Executor] = dict(executors or {})
-        self._owned: dict[ExecutorName, Executor] = {}
-        if "ray" in self.choice.values() and "ray" not in self._given:
+        self.timeouts: dict[str, float | None] = {
+            name: settings.timeout_for(name) if o.timeout is None else o.timeout
+            for name, o in self.options.items()
+        }
+        self.retries: dict[str, int] = {
+            name: settings.retries_for(name) if o.retries is None else o.retries
+            for name, o in self.options.items()
+        }
+        self._executors: dict[ExecutorName, Executor] = {}
+        if "ray" in self.choice.values():
             from ._ray import check_ray_installed
 
             check_ray_installed()
 
-    def executor_of(self, name: str) -> ExecutorName:
-        """The name of the executor that runs step ``name``."""
-        return self.choice[name]
-
     async def __aenter__(self) -> StepRunner:
-        if "process" in self.choice.values() and "process" not in self._given:
+        if "process" in self.choice.values():
             from ._process import ProcessExecutor
 
             pool = self._executor("process")
-            if isinstance(pool, ProcessExecutor):
-                pool.prestart()
+            assert isinstance(pool, ProcessExecutor)
+            pool.prestart()
         return self
 
     async def __aexit__(
@@ -79,9 +79,9 @@ class StepRunner:
 
     async def aclose(self) -> None:
         """Close every executor this runner started, even if closing one of them fails."""
-        owned, self._owned = list(self._owned.values()), {}
+        executors, self._executors = list(self._executors.values()), {}
         errors: list[BaseException] = []
-        for executor in owned:
+        for executor in executors:
             try:
                 await executor.aclose()
             except BaseException as exc:
@@ -89,16 +89,22 @@ class StepRunner:
         if errors:
             raise errors[0]
 
-    async def call(self, loop_idx: int, step_idx: int, name: str, prev_out: dict[str, Any]) -> Any:
-        """Run step ``name`` of loop ``loop_idx`` where it belongs and return its output."""
-        func = getattr(self.loop, name)
+    async def call(
+        self,
+        loop_idx: int,
+        step_idx: int,
+        name: str,
+        func: Callable[..., Any],
+        prev_out: dict[str, Any],
+    ) -> Any:
+        """Run ``func``, step ``name`` of loop ``loop_idx``, where it belongs; return its output."""
         call = StepCall(loop_idx, step_idx, name, func, prev_out, self.options[name])
         return await self._executor(self.choice[name]).run(call)
 
     def _executor(self, kind: ExecutorName) -> Executor:
-        executor = self._given.get(kind) or self._owned.get(kind)
+        executor = self._executors.get(kind)
         if executor is None:
-            executor = self._owned[kind] = self._create(kind)
+            executor = self._executors[kind] = self._create(kind)
         return executor
 
     def _create(self, kind: ExecutorName) -> Executor:

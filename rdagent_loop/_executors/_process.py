@@ -40,7 +40,6 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -49,7 +48,7 @@ import psutil
 from .._compat import add_note
 from .._errors import WorkerCrashedError
 from .._pipes import grow_pipe
-from .._session._capture import quiet_threads
+from .._session._capture import without_tearing
 from . import _wire
 from ._base import StepCall
 
@@ -60,15 +59,6 @@ _BOOT = (
     "from rdagent_loop._executors._worker import main; main()"
 )
 _REAP_TIMEOUT = 10.0
-_PICKLE_ATTEMPTS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessPoolStatistics:
-    workers_started: int
-    workers_killed: int
-    workers_idle: int
-    steps_run: int
 
 
 class _WorkerDied(Exception):
@@ -228,12 +218,6 @@ class ProcessExecutor:
         self._dying: list[_Worker] = []
         self._prep: bytes | None = None
         self._lifeline: tuple[int, int] | None = None
-        self._started = 0
-        self._killed = 0
-        self._steps = 0
-
-    def statistics(self) -> ProcessPoolStatistics:
-        return ProcessPoolStatistics(self._started, self._killed, len(self._idle), self._steps)
 
     async def run(self, call: StepCall) -> Any:
         if self._slots is None:
@@ -272,7 +256,6 @@ class ProcessExecutor:
                     self._idle.append(worker)
                 else:
                     self._discard(worker)
-            self._steps += 1
         return _wire.decode_reply(reply)
 
     def prestart(self) -> None:
@@ -293,13 +276,11 @@ class ProcessExecutor:
         if self._lifeline is None:
             self._lifeline = os.pipe()
         worker = _Worker(self._prep, self._lifeline[0])
-        self._started += 1
         log.debug("process pool: started worker %d", worker.pid)
         return worker
 
     def _discard(self, worker: _Worker) -> None:
         worker.kill()
-        self._killed += 1
         self._dying.append(worker)
         log.debug("process pool: killed worker %d", worker.pid)
 
@@ -324,17 +305,10 @@ class ProcessExecutor:
 
 
 def _pickle_task(call: StepCall) -> _wire.Chunks:
-    """Pickle ``(bound method, prev_out)`` while other threads are held off, as snapshots
-    are, so a ``thread`` step changing ``self`` meanwhile cannot tear the copy ("dictionary
-    changed size during iteration"); try again if one still slipped in."""
-    for attempt in range(_PICKLE_ATTEMPTS):
-        with quiet_threads:
-            try:
-                return _wire.pickle_chunks((call.func, call.prev_out))
-            except RuntimeError as exc:
-                if attempt + 1 == _PICKLE_ATTEMPTS or "during iteration" not in str(exc):
-                    raise
-    raise AssertionError("unreachable")
+    """Pickle ``(bound method, prev_out)``; if a ``thread`` step changing ``self`` meanwhile
+    tore the copy ("dictionary changed size during iteration"), pickle it again with other
+    threads held off, as snapshots are."""
+    return without_tearing(lambda: _wire.pickle_chunks((call.func, call.prev_out)))
 
 
 def _descendants(pid: int) -> list[int]:

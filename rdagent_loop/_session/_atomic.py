@@ -4,6 +4,9 @@ Each file is written to a temporary name in the same folder, flushed, fsynced wh
 ``durability == "fsync"``, renamed into place, and the folder fsynced, like SQLite's
 ``synchronous=FULL``. ``"flush"`` skips both fsyncs: it survives a killed process (the data
 is in the page cache once ``write`` returns) but not a power cut.
+
+Every function that fsyncs takes the ``fsync`` to call (``os.fsync`` unless a test passes a
+counting one), so that a test can see that each file and folder was made durable.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ if TYPE_CHECKING:  # typing and pathlib would double the writer process's start-
     from typing import Literal
 
     Durability = Literal["fsync", "flush"]
+    Fsync = Callable[[int], None]
 else:
     Durability = str
 
@@ -41,15 +45,15 @@ def _replace(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
-def fsync_dir(folder: str | Path) -> None:
+def fsync_dir(folder: str | Path, fsync: Fsync = os.fsync) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 
 
-def ensure_dir(folder: str | Path, durability: Durability) -> None:
+def ensure_dir(folder: str | Path, durability: Durability, fsync: Fsync = os.fsync) -> None:
     """Create ``folder`` and its missing parents; with fsync, make the new entries durable.
 
     ``mkdir`` first: the usual case is a folder that exists, or only it missing (a new loop's
@@ -64,13 +68,13 @@ def ensure_dir(folder: str | Path, durability: Durability) -> None:
         parent = os.path.dirname(os.path.normpath(folder))
         if not parent or parent == folder:
             raise
-        ensure_dir(parent, durability)
+        ensure_dir(parent, durability, fsync)
         try:
             os.mkdir(folder)
         except FileExistsError:
             return
     if durability == "fsync":
-        fsync_dir(os.path.dirname(os.path.normpath(folder)) or os.curdir)
+        fsync_dir(os.path.dirname(os.path.normpath(folder)) or os.curdir, fsync)
 
 
 def temp_name(folder: str) -> str:
@@ -96,6 +100,7 @@ def write_atomic(
     *,
     sync_dir: bool = True,
     make_dir: bool = False,
+    fsync: Fsync = os.fsync,
 ) -> int:
     """Write the concatenation of ``parts`` to ``path`` atomically; return the bytes written.
 
@@ -110,7 +115,7 @@ def write_atomic(
     except FileNotFoundError:
         if not make_dir:
             raise
-        ensure_dir(folder, durability)
+        ensure_dir(folder, durability, fsync)
         tmp, fd = _create(folder)
     written = 0
     try:
@@ -122,7 +127,7 @@ def write_atomic(
                     written += n
                     view = view[n:]
             if durability == "fsync":
-                os.fsync(fd)
+                fsync(fd)
         finally:
             os.close(fd)
         _replace(tmp, target)
@@ -133,7 +138,7 @@ def write_atomic(
             pass
         raise
     if durability == "fsync" and sync_dir:
-        fsync_dir(folder)
+        fsync_dir(folder, fsync)
     return written
 
 
@@ -163,10 +168,10 @@ class FileOp:
         self.make_dir = make_dir
         self.done = done
 
-    def apply(self) -> int:
+    def apply(self, fsync: Fsync = os.fsync) -> int:
         """Do it here and now; return the bytes written."""
         if self.data is None:
-            fsync_dir(self.path)
+            fsync_dir(self.path, fsync)
             written = 0
         else:
             written = write_atomic(
@@ -175,6 +180,7 @@ class FileOp:
                 self.durability,
                 sync_dir=self.sync_dir,
                 make_dir=self.make_dir,
+                fsync=fsync,
             )
         if self.done is not None:
             self.done()

@@ -8,11 +8,13 @@ hashing, writing, fsyncing) where the run's snapshot writer has it done, or inli
 Thread steps may change ``self`` while it is pickled, which used to fail with "dictionary
 changed size during iteration" (RD-Agent #1285). The pickler runs in C, but Python-level
 ``__reduce__``/``__getstate__`` code lets the interpreter switch threads every switch
-interval (5 ms). So the capture raises the switch interval to ``QUIET_INTERVAL``: other
-Python threads wait until the capture is done (typically milliseconds). If the capture itself
-gives the GIL away (a ``__reduce__`` that sleeps or does I/O), another thread may run, for up
-to ``QUIET_INTERVAL`` each time; a mutation that slips in then is caught and the capture is
-taken again (``CAPTURE_ATTEMPTS`` times in all).
+interval (5 ms). A capture is first taken as it is; only if a mutation slipped in is it taken
+again (``CAPTURE_ATTEMPTS`` times in all) with the switch interval raised to
+``QUIET_INTERVAL``, so that other Python threads wait until it is done (typically
+milliseconds). The switch interval is the process's, so it is touched only then, when a
+thread is racing the capture, never at an ordinary snapshot. If the capture itself gives the
+GIL away (a ``__reduce__`` that sleeps or does I/O), another thread may still run, for up to
+``QUIET_INTERVAL`` each time.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._atomic import Durability, FileOp
 from ._chunks import INLINE_MAX, SEGMENT_MIN, STORE_NAME, ChunkIndex
 from ._format import clock, encode_header, json_string, qualified_name
+
+if TYPE_CHECKING:
+    from ._atomic import Fsync
 
 PROTOCOL = 5
 CAPTURE_ATTEMPTS = 3
@@ -50,7 +55,9 @@ _MUTATED = re.compile(r"(changed|mutated)( size)? during iteration")
 class _QuietThreads:
     """Raise ``sys.setswitchinterval`` while any capture runs (re-entrant, thread-safe).
 
-    A plain context manager, not a generator one: it is entered at every snapshot.
+    Entered only to take a capture again that another thread tore (see the module's
+    docstring): it changes a setting of the whole process, the host application's threads
+    included.
     """
 
     def __init__(self) -> None:
@@ -75,24 +82,29 @@ class _QuietThreads:
 quiet_threads = _QuietThreads()
 
 
-def consistently(make: Callable[[], T]) -> T:
-    """Call ``make`` (which pickles live objects) so that other threads cannot interleave.
+def without_tearing(make: Callable[[], T]) -> T:
+    """Call ``make`` (which pickles live objects); if another thread changed a container
+    meanwhile, call it again with other threads held off (see the module's docstring)."""
+    try:
+        return make()
+    except RuntimeError as exc:
+        if not _MUTATED.search(str(exc)):
+            raise
+    for attempt in range(2, CAPTURE_ATTEMPTS + 1):
+        try:
+            with quiet_threads:
+                return make()
+        except RuntimeError as exc:
+            if attempt == CAPTURE_ATTEMPTS or not _MUTATED.search(str(exc)):
+                raise
+    raise AssertionError("unreachable")
 
-    Other Python threads are held off by the switch interval; if one still changed a
-    container during the pickling (a ``__reduce__`` that released the GIL), try again.
-    """
+
+def consistently(make: Callable[[], T]) -> T:
+    """``without_tearing(make)``, with ``capturing`` set: ``make`` pickles a snapshot."""
     token = capturing.set(True)
     try:
-        for attempt in range(1, CAPTURE_ATTEMPTS + 1):
-            try:
-                if threading.active_count() == 1:  # no other thread to hold off
-                    return make()
-                with quiet_threads:
-                    return make()
-            except RuntimeError as exc:
-                if attempt == CAPTURE_ATTEMPTS or not _MUTATED.search(str(exc)):
-                    raise
-        raise AssertionError("unreachable")
+        return without_tearing(make)
     finally:
         capturing.reset(token)
 
@@ -109,10 +121,6 @@ class Captured:
     segments: tuple[tuple[str, int, int, bool], ...]
     whole: bool  # the state is one object, not a dict of attributes
     largest: int = 0  # bytes in the largest segment
-
-    def segment(self, index: int) -> memoryview:
-        _, start, end, _ = self.segments[index]
-        return self.buffer[start:end]
 
 
 Constants = dict[str, tuple[Any, Any, bytes]]
@@ -207,8 +215,6 @@ class SnapshotJob:
     key: bytes | None
     outputs: list[OutputsBlob] = field(default_factory=list)
     written_at: tuple[int, int] = (0, 0)
-    chunks_written: int = 0  # by the last operations()
-    chunks_reused: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -222,10 +228,10 @@ class SnapshotJob:
         captured = self.captured
         return self.index is not None and captured is not None and captured.largest >= SEGMENT_MIN
 
-    def run(self) -> None:
+    def run(self, fsync: Fsync = os.fsync) -> None:
         """Write the outputs files, the new chunks, then the snapshot file itself, here."""
         for op in self.operations():
-            op.apply()
+            op.apply(fsync)
 
     def operations(self, done: Callable[[], None] | None = None) -> list[FileOp]:
         """The files to write, in order: outputs, new chunks, the snapshot file last (with
@@ -233,11 +239,12 @@ class SnapshotJob:
         ops = [outputs_operation(blob, self.durability, self.key) for blob in self.outputs]
         if self.path is None or self.captured is None:
             return ops
-        if self.index is not None:
+        if self.chunked:  # changes the index: built by the writer thread (or inline)
+            assert self.index is not None
             with self.index.lock:
                 manifest, inline = self._body(self.index, ops)
-        else:
-            manifest, inline = self._body(None, ops)
+        else:  # only names the index: no lock, which the event loop would wait for
+            manifest, inline = self._body(self.index, ops)
         digest = hashlib.sha256(manifest)
         for part in inline:
             digest.update(part)
@@ -258,7 +265,7 @@ class SnapshotJob:
         inline: list[memoryview] = []
         buffer = captured.buffer
         all_inline = True
-        new = reused = 0
+        new = 0  # chunks written by this snapshot
         for name, start, end, own in captured.segments:
             flag = ",1" if own else ""
             if index is None or end - start < SEGMENT_MIN:
@@ -273,27 +280,25 @@ class SnapshotJob:
             split, unchanged = index.split(name, memoryview(unframe(buffer[start:end])))
             last = len(split) - 1
             for n, ((size, digest), view) in enumerate(split):
-                if digest in index.known:
-                    reused += 1
-                elif size < INLINE_MAX or (n >= last - 1 and n >= unchanged):
-                    # small, or a new end of the segment (the part most likely to change
-                    # again): kept in this file; stored once it shows up unchanged
-                    inline.append(view)
-                    pieces.append(f"[{size}]")
-                    continue
-                elif index.claim(digest, view):
-                    new += 1
-                    chunk = os.path.join(index.store, digest)
-                    ops.append(FileOp(chunk, view, self.durability, sync_dir=False, make_dir=True))
-                else:
-                    reused += 1
+                if digest not in index.known:
+                    if size < INLINE_MAX or (n >= last - 1 and n >= unchanged):
+                        # small, or a new end of the segment (the part most likely to change
+                        # again): kept in this file; stored once it shows up unchanged
+                        inline.append(view)
+                        pieces.append(f"[{size}]")
+                        continue
+                    if index.claim(digest, view):  # else found whole in the store
+                        new += 1
+                        chunk = os.path.join(index.store, digest)
+                        ops.append(
+                            FileOp(chunk, view, self.durability, sync_dir=False, make_dir=True)
+                        )
                 pieces.append(f'[{size},"{digest}"]')
             segments.append(f"[{json_string(name)},[{','.join(pieces)}]{flag}]")
         if all_inline:
             inline.append(buffer)
         if new and self.durability == "fsync" and index is not None:
             ops.append(FileOp(os.fspath(index.store), None, self.durability))
-        self.chunks_written, self.chunks_reused = new, reused
         store = "null" if index is None else f'"../{STORE_NAME}"'  # see store_for()
         state = "object" if captured.whole else "dict"
         line = (
@@ -354,6 +359,7 @@ __all__ = (
     "outputs_path",
     "pickle_state",
     "store_for",
+    "without_tearing",
     "write_outputs",
 )
 

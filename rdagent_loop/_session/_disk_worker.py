@@ -10,9 +10,10 @@ it starts in milliseconds: it imports only the standard library and ``_atomic`` 
 Frames on standard input: ``FRAME`` (op, flags, path length, data length), the path
 (file-system encoding), then the data. ``WRITE`` writes the data to the path atomically,
 ``SYNC_DIR`` fsyncs a folder, ``END`` ends the process. Each ``WRITE`` and ``SYNC_DIR`` is
-answered on standard output, in order, by ``A <bytes written> <nanoseconds spent>``. A failure
-is reported once as ``E <json>`` before its answer; later frames are then answered without
-being done (a snapshot after a missing one is not written).
+answered on standard output, in order, by ``A <bytes written> <nanoseconds spent> <fsyncs>``
+(the fsyncs it took: the parent counts them, so a test sees that ``durability="fsync"`` reached
+the disk here too). A failure is reported once as ``E <json>`` before its answer; later frames
+are then answered without being done (a snapshot after a missing one is not written).
 
 The process dies with its parent (``PR_SET_PDEATHSIG``): a killed run leaves no writer that
 could still rename files into a session that is being resumed.
@@ -71,12 +72,18 @@ class Disk:
 
     def __init__(self) -> None:
         self.failed = False
+        self.fsyncs = 0  # of the frame being done
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+        self.fsyncs += 1
 
     def do(self, op: int, flags: int, path: str, data: bytes | bytearray) -> bytes:
         """Do one frame; return its answer (and the report of a failure first)."""
         if self.failed:
-            return b"A 0 0\n"
+            return b"A 0 0 0\n"
         started = time.perf_counter_ns()
+        self.fsyncs = 0
         try:
             if op not in (WRITE, SYNC_DIR):
                 raise ValueError(f"unknown frame op {op}")
@@ -86,11 +93,11 @@ class Disk:
                 "fsync" if flags & FSYNC else "flush",
                 sync_dir=bool(flags & SYNC_PARENT),
                 make_dir=bool(flags & MAKE_DIR),
-            ).apply()
+            ).apply(self.fsync)
         except Exception as exc:
             self.failed = True
-            return _error_line(exc, path) + b"A 0 0\n"
-        return b"A %d %d\n" % (written, time.perf_counter_ns() - started)
+            return _error_line(exc, path) + b"A 0 0 %d\n" % self.fsyncs
+        return b"A %d %d %d\n" % (written, time.perf_counter_ns() - started, self.fsyncs)
 
 
 def serve(read_fd: int, write_fd: int) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 import pickle
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,11 +262,16 @@ def order_of(path: Path) -> tuple[tuple[int, int], Header | None, str | None]:
 
 
 def newest_valid(
-    files: Iterable[Path], folder: Path, key: bytes | None
+    files: Iterable[Path],
+    folder: Path,
+    key: bytes | None,
+    *,
+    on_skip: Callable[[Path, Exception], object] | None = None,
 ) -> tuple[Snapshot, list[list[bytes | memoryview]]]:
     """The newest snapshot (by time of writing) that passes every check, read in full.
 
-    Each newer broken one is reported with a ``SnapshotWarning`` naming it.
+    Each newer broken one is reported with a ``SnapshotWarning`` naming it, or to
+    ``on_skip`` (for readers that list the broken snapshots themselves).
     """
     ordered = sorted(files, key=lambda p: order_of(p)[0], reverse=True)
     skipped = 0
@@ -276,6 +281,9 @@ def newest_valid(
             pieces = snapshot.read_pieces()
         except (SnapshotError, OSError) as exc:
             skipped += 1
+            if on_skip is not None:
+                on_skip(path, exc)
+                continue
             warnings.warn(
                 f"skipping snapshot {path}: {exc}; trying an older one", SnapshotWarning, 4
             )

@@ -8,37 +8,67 @@ slow work first (cutting and hashing large segments into chunks), and whatever t
 to the process cannot take at once, go to the writer thread, which sends them on in
 order; elsewhere (or with ``snapshot_writer="thread"``) the thread writes the files itself.
 
-The thread starts with the first job it gets; the run waits for the thread and the
-process when it ends (shielded from cancellation, so a run never returns with a snapshot
-still in flight). If the thread falls behind by more than ``max_pending`` bytes,
-``submit`` waits for it, so memory stays bounded. A failed write is raised by the next
-``submit`` (the run then fails on the step that tried to save), or when the run ends.
+Nothing here blocks the event loop's thread: ``submit`` builds bytes and queues them, or
+sends what the pipe takes at once. Waiting is async, and the caller's to do:
+
+* ``await wait_room()`` after ``submit`` keeps memory bounded: while the writer thread is
+  more than ``max_pending`` bytes behind, it waits. With room (nearly always) it returns at
+  once, without a checkpoint, so the engine can call it at every step.
+* ``await drain()`` waits until every snapshot submitted so far is on disk (before a
+  withdraw reads the one to restore), and raises a failed write's error.
+
+A waiting task is woken by the writer thread through the event loop's token
+(``anyio.from_thread.run_sync``, on asyncio and trio alike), once per wait: the thread looks
+at the waiters only after it has counted what it finished, and a waiter publishes its event
+before it looks at the counts again, so no wake-up is lost.
+
+The thread starts with the first job; it starts the process (starting one waits for it to
+exist) and ends it. The run waits for both when it ends (shielded from cancellation, so a
+run never returns with a snapshot still in flight). A failed write is raised by the next
+``submit`` (the run then fails on the step that tried to save), by ``drain``, or when the
+run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
+import anyio.lowlevel
 
 from .._compat import add_note
 from ._atomic import FileOp
 from ._capture import SnapshotJob
 from ._writer_process import Frames, WriterProcess, available
 
+if TYPE_CHECKING:
+    from ._atomic import Fsync
+
 log = logging.getLogger("rdagent_loop")
 
 WriterMode = Literal["auto", "process", "thread"]
 POLL_JOBS = 16
 POLL_SECONDS = 0.05
-_Item = SnapshotJob | Frames  # a job to build and send, or frames to send
+
+
+class _Barrier:
+    """Queued by ``drain``: the thread sets ``reached`` once everything before it is on disk."""
+
+    __slots__ = ("reached",)
+
+    def __init__(self) -> None:
+        self.reached = anyio.Event()
+
+
+_Item = SnapshotJob | Frames | _Barrier  # a job to build and send, frames to send, or a barrier
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +79,7 @@ class WriterStatistics:
     jobs_pending: int
     bytes_pending: int
     bytes_written: int
-    chunks_written: int
-    chunks_reused: int
-    busy_seconds: float
+    fsyncs: int  # taken by the writer thread or process (not by jobs the caller wrote itself)
     process_id: int | None  # of the writer process, if there is one
 
 
@@ -59,19 +87,29 @@ class SnapshotWriter:
     """Writes the snapshots of one ``run()`` off the event loop's thread.
 
     An async context manager: leaving it waits until everything handed over is on disk.
+    ``fsync`` is what the writer thread calls to make a file or folder durable (a test passes
+    one that counts); the writer process, a program of its own, calls ``os.fsync`` and
+    reports how many it took (``statistics().fsyncs``).
     """
 
-    def __init__(self, *, mode: WriterMode = "auto", max_pending: int = 256 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        mode: WriterMode = "auto",
+        max_pending: int = 256 * 1024 * 1024,
+        fsync: Fsync = os.fsync,
+    ) -> None:
         if mode not in ("auto", "process", "thread"):
             raise ValueError(f"mode must be 'auto', 'process' or 'thread', got {mode!r}")
         self.mode = mode
         self.max_pending = max_pending
+        self._fsync = fsync
         self._queue: queue.SimpleQueue[tuple[_Item, int] | None] = queue.SimpleQueue()
-        self._cond = threading.Condition()
-        self._waiting = 0
+        self._token: anyio.lowlevel.EventLoopToken | None = None  # to wake a waiting task
+        self._room: anyio.Event | None = None  # a wait_room() is (or was) waiting on it
         self._thread: threading.Thread | None = None
         self._process: WriterProcess | None = None
-        self._use_process: bool | None = None  # decided at the first job
+        self._process_tried = False  # by the thread, at its first job
         self._open = False
         self._error_lock = threading.Lock()
         self._error: BaseException | None = None
@@ -83,13 +121,12 @@ class SnapshotWriter:
         self._jobs = 0
         self._submitted = self._submitted_bytes = 0
         self._finished = self._finished_bytes = 0
-        self._done = self._new = self._reused = 0
-        self._bytes = 0
-        self._busy = 0.0
+        self._done = self._bytes = self._fsyncs = 0
         self._next_poll_job = 0
         self._next_poll_time = 0.0
 
     async def __aenter__(self) -> SnapshotWriter:
+        self._token = anyio.lowlevel.current_token()
         self._open = True
         return self
 
@@ -101,7 +138,7 @@ class SnapshotWriter:
     ) -> None:
         self._open = False
         thread, self._thread = self._thread, None
-        if thread is not None or self._process is not None:
+        if thread is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._finish, thread)
         error = self._take_error()
@@ -110,21 +147,17 @@ class SnapshotWriter:
                 raise error
             log.error("a snapshot could not be written: %r", error)
 
-    def _finish(self, thread: threading.Thread | None) -> None:
-        """Let the thread, then the process, write everything they were given."""
-        if thread is not None:
-            self._queue.put(None)
-            thread.join()
-        process = self._process
-        if process is not None:
-            process.close()
-            if process.error is not None:
-                self._set_error(process.error)
+    def _finish(self, thread: threading.Thread) -> None:
+        """Let the thread, then the process it started, write everything they were given."""
+        self._queue.put(None)
+        thread.join()
 
     def submit(self, job: SnapshotJob) -> bool:
         """Hand ``job`` over; False if the writer is not running (the caller writes it itself).
 
-        After a failed write, the error is raised once; later jobs are left to the caller.
+        It never waits: call ``await wait_room()`` after it to keep memory bounded. After a
+        failed write, the error is raised once (here, by ``drain`` or at exit); later jobs are
+        left to the caller.
         """
         error = self._take_error(poll=self._poll_due())
         if error is not None:
@@ -134,17 +167,12 @@ class SnapshotWriter:
                 job.index.forget()  # it counts chunks of jobs that were dropped as stored
             return False
         size = job.nbytes
-        if self._submitted_bytes - self._finished_bytes + size > self.max_pending:
-            self._wait(
-                lambda: (
-                    self._submitted_bytes - self._finished_bytes + size <= self.max_pending
-                    or self._submitted == self._finished
-                )
-            )
         self._jobs += 1
-        process = self._process if self._use_process is not None else self._start_process()
+        process = self._process
         if process is None or job.chunked:
-            self._hand_to_thread(job, size)  # slow to build: the thread does it
+            # no process (or not yet: the thread starts it, with the first job), or a job
+            # slow to build: the thread does it
+            self._hand_to_thread(job, size)
             return True
         # built here even while the thread is busy (it then only sends): a thread gets the
         # GIL back from the event loop too seldom to build jobs as fast as they come
@@ -157,19 +185,18 @@ class SnapshotWriter:
             self._hand_to_thread(rest, rest.nbytes)
         return True
 
-    def _start_process(self) -> WriterProcess | None:
-        self._use_process = False
+    def _start_process(self) -> None:
+        """Start the writer process if there is to be one (the thread does, at its first job:
+        starting a process waits for it to exist, which the event loop must not)."""
+        self._process_tried = True
         if self.mode == "thread" or (self.mode == "auto" and not available()):
-            return None
+            return
         try:
             self._process = WriterProcess()
         except OSError as exc:
             if self.mode == "process":
                 raise
             log.info("no snapshot writer process (%r): writing on a thread", exc)
-            return None
-        self._use_process = True
-        return self._process
 
     def _hand_to_thread(self, item: _Item, size: int) -> None:
         self._submitted += 1
@@ -182,36 +209,53 @@ class SnapshotWriter:
         self._queue.put((item, size))
 
     def _operations(self, job: SnapshotJob) -> list[FileOp]:
-        """The job's files. Chunked jobs are built by the writer thread only, others by the
-        submitter only (while the thread may build a chunked one), so each chunk counter
-        has one writer. The ``done`` of the last file holds no reference to the job, which
-        can go as soon as its bytes are sent."""
-        ops = job.operations(self._job_done)
-        if job.chunks_written or job.chunks_reused:
-            self._new += job.chunks_written
-            self._reused += job.chunks_reused
-        return ops
+        """The job's files. The ``done`` of the last file holds no reference to the job,
+        which can go as soon as its bytes are sent."""
+        return job.operations(self._job_done)
 
     def _job_done(self) -> None:
         self._done += 1
 
-    def flush(self) -> None:
-        """Block until every snapshot handed over is on disk; raise a failed write's error."""
-        self._wait(lambda: self._submitted == self._finished)
-        if self._process is not None:
-            self._process.wait_answered()
+    async def wait_room(self) -> None:
+        """Wait while the writer thread is more than ``max_pending`` bytes behind.
+
+        For the event loop's thread, after ``submit``. With room it returns at once, without
+        a checkpoint (it costs two reads at every step); else the thread wakes it once it has
+        caught up enough, and the event loop runs on meanwhile. A single job larger than
+        ``max_pending`` is waited for until it is written.
+        """
+        while self._submitted_bytes - self._finished_bytes > self.max_pending:
+            room = self._room
+            if room is None:
+                # published before the counts are read again: the thread, which counts
+                # before it looks for a waiter, either sees it or has made room already
+                self._room = anyio.Event()
+                continue
+            await room.wait()
+
+    async def drain(self) -> None:
+        """Wait until every snapshot submitted so far is on disk; raise a failed write's error.
+
+        For the event loop's thread. With nothing in flight it returns at once (no
+        checkpoint); snapshots submitted while it waits are not waited for. Cancelling it
+        cancels only the wait, not the writing.
+        """
+        if self._open and self._in_flight():
+            barrier = _Barrier()
+            self._hand_to_thread(barrier, 0)  # behind everything already handed over
+            await barrier.reached.wait()
         error = self._take_error()
         if error is not None:
             raise error
 
-    def _wait(self, done: Callable[[], bool]) -> None:
-        with self._cond:
-            self._waiting += 1
-            try:
-                while not done():
-                    self._cond.wait(0.05)  # a timeout: a notification may come just before
-            finally:
-                self._waiting -= 1
+    def _in_flight(self) -> bool:
+        if self._submitted != self._finished:
+            return True
+        process = self._process
+        if process is None:
+            return False
+        process.poll(wait=False)
+        return process.unanswered > 0
 
     def statistics(self) -> WriterStatistics:
         process = self._process
@@ -220,9 +264,7 @@ class SnapshotWriter:
             jobs_pending=self._jobs - self._done,
             bytes_pending=self._submitted_bytes - self._finished_bytes,
             bytes_written=self._bytes + (process.bytes_written if process else 0),
-            chunks_written=self._new,
-            chunks_reused=self._reused,
-            busy_seconds=self._busy + (process.busy_ns / 1e9 if process else 0.0),
+            fsyncs=self._fsyncs + (process.fsyncs if process else 0),
             process_id=process.pid if process else None,
         )
 
@@ -244,7 +286,7 @@ class SnapshotWriter:
     def _take_error(self, *, poll: bool = True) -> BaseException | None:
         process = self._process
         if poll and process is not None and self._error is None:
-            process.poll()  # answers that came in: files written, or a failure
+            process.poll(wait=False)  # answers that came in: files written, or a failure
             if process.error is not None:
                 self._set_error(process.error)
         error = self._error
@@ -257,22 +299,55 @@ class SnapshotWriter:
         while True:
             entry = self._queue.get()
             if entry is None:
+                self._close_process()
                 return
             item, size = entry
-            if self._error is None:  # after a failure, later snapshots are not written
-                try:
+            try:
+                if isinstance(item, _Barrier):
+                    if self._process is not None:
+                        self._process.wait_answered()  # the frames sent before it
+                elif self._error is None:  # after a failure, later snapshots are not written
                     self._write(item)
-                except BaseException as exc:
-                    if isinstance(item, SnapshotJob):
-                        add_note(exc, f"while writing the snapshot {item.path}")
-                    self._set_error(exc)
+            except BaseException as exc:
+                if isinstance(item, SnapshotJob):
+                    add_note(exc, f"while writing the snapshot {item.path}")
+                self._set_error(exc)
             self._finished_bytes += size
             self._finished += 1
-            if self._waiting:
-                with self._cond:
-                    self._cond.notify_all()
+            if isinstance(item, _Barrier):
+                self._wake(item.reached)
+            room = self._room
+            behind = self._submitted_bytes - self._finished_bytes
+            if room is not None and behind <= self.max_pending:
+                self._room = None
+                self._wake(room)
 
-    def _write(self, item: _Item) -> None:
+    def _close_process(self) -> None:
+        """Let the process write what it was sent, and end. This thread started it, so it
+        does: the process is killed when the thread that started it ends (its "parent" for
+        ``PR_SET_PDEATHSIG``)."""
+        process = self._process
+        if process is None:
+            return
+        try:
+            process.close()
+        except BaseException as exc:
+            self._set_error(exc)
+        if process.error is not None:
+            self._set_error(process.error)
+
+    def _wake(self, event: anyio.Event) -> None:
+        """Set ``event`` on the event loop's thread (this is the writer thread)."""
+        with contextlib.suppress(anyio.RunFinishedError):  # gone, and whoever waited in it
+            anyio.from_thread.run_sync(event.set, token=self._token)
+
+    def _count_fsync(self, fd: int) -> None:
+        self._fsync(fd)
+        self._fsyncs += 1
+
+    def _write(self, item: SnapshotJob | Frames) -> None:
+        if not self._process_tried:
+            self._start_process()
         process = self._process
         if not isinstance(item, SnapshotJob):
             assert process is not None
@@ -282,6 +357,4 @@ class SnapshotWriter:
         if process is not None:
             process.send_all(process.encode(ops))
             return
-        started = time.perf_counter()
-        self._bytes += sum(op.apply() for op in ops)
-        self._busy += time.perf_counter() - started
+        self._bytes += sum(op.apply(self._count_fsync) for op in ops)

@@ -7,6 +7,8 @@ at the same time (``SnapshotWriter`` sees to it), so frames arrive in the order 
 
 Every frame is answered in order; ``poll`` reads the answers that are there without
 waiting, calls the ``done`` of each file written, and keeps the first failure reported.
+The event loop's thread polls with ``wait=False``: it never waits for the lock of the
+answers, which the writer thread may hold while it takes them itself.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class WriterProcess:
         self.closed = False
         self.bytes_written = 0
         self.busy_ns = 0
+        self.fsyncs = 0  # reported by the process
 
     @property
     def pid(self) -> int:
@@ -154,10 +157,15 @@ class WriterProcess:
                 if readable:
                     self.poll()
 
-    def poll(self) -> None:
-        """Take the answers that have arrived, without waiting (from any thread)."""
-        with self._lock:
+    def poll(self, *, wait: bool = True) -> None:
+        """Take the answers that have arrived (from any thread), without waiting for them;
+        with ``wait=False``, not even for another thread that is taking them."""
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
             self._poll()
+        finally:
+            self._lock.release()
 
     def _poll(self) -> None:
         while not self.closed:
@@ -181,9 +189,10 @@ class WriterProcess:
                 if self.error is None:
                     self.error = _rebuild(json.loads(line[2:]))
                 continue
-            _, written, spent = line.split()
+            _, written, spent, fsyncs = line.split()
             self.bytes_written += int(written)
             self.busy_ns += int(spent)
+            self.fsyncs += int(fsyncs)
             done = answers.popleft()
             if done is not None and self.error is None:
                 done()

@@ -1,11 +1,13 @@
 """The process executor: a reused pool of killable workers, on asyncio and trio.
 
-Real processes run here, so these tests use the real clock with generous bounds; speed is
-measured in ``benchmarks/bench_executors.py``.
+Real processes run here, so these tests use the real clock; they wait for files the steps
+write when they have started, never for a time, and bounds in seconds only guard against a
+hang. Speed is measured in ``benchmarks/bench_executors.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -17,8 +19,19 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
-from executor_helpers import await_file, my_children, settings_for, wait_for_file, wait_gone
+from executor_helpers import (
+    HANG,
+    LONG,
+    await_file,
+    await_gone,
+    my_children,
+    run_until_written,
+    settings_for,
+    wait_for_file,
+    wait_gone,
+)
 
 from rdagent_loop import LoopBase, RemoteStepError, WorkerCrashedError, step
 
@@ -105,7 +118,7 @@ async def test_process_steps_run_in_reused_workers(tmp_path):
     workers = {outputs[(li, name)] for li in range(5) for name in ("s1", "s2")}
     assert me not in workers
     assert len(workers) <= 2  # started once, reused by ten steps
-    assert not wait_gone(list(workers))  # and shut down with the run
+    assert not await await_gone(workers)  # and shut down with the run
 
 
 async def test_pool_survives_generations(tmp_path):
@@ -181,7 +194,7 @@ async def test_step_limit_is_respected_in_processes(tmp_path):
 
 
 class Spawner(LoopBase):
-    """``s1`` starts ``sleep 60`` children (one in a session of its own) and blocks."""
+    """``s1`` starts ``sleep LONG`` children (one in a session of its own) and blocks."""
 
     def __init__(self, settings, folder: Path):
         super().__init__(settings)
@@ -192,12 +205,12 @@ class Spawner(LoopBase):
 
     def s1(self, prev_out):
         kids = [
-            subprocess.Popen(["sleep", "60"]),
-            subprocess.Popen(["sleep", "60"], start_new_session=True),
+            subprocess.Popen(["sleep", str(LONG)]),
+            subprocess.Popen(["sleep", str(LONG)], start_new_session=True),
         ]
         pids = [os.getpid(), *(k.pid for k in kids)]
         (self.folder / f"pids-{prev_out[self.LOOP_IDX_KEY]}").write_text(" ".join(map(str, pids)))
-        time.sleep(60)
+        time.sleep(LONG)
 
     def s2(self, prev_out):
         return 2
@@ -209,14 +222,15 @@ def started_pids(folder: Path) -> list[int]:
 
 async def test_deadline_kills_the_step_and_every_process_it_started(tmp_path):
     loop = Spawner(settings_for(tmp_path, step_semaphore=2), tmp_path)
-    started = time.monotonic()
-    summary = await loop.run(loop_n=2, all_duration=2.5)
-    elapsed = time.monotonic() - started
+    # the deadline falls once both steps have started their children; the run returning
+    # long before the steps would end (LONG) shows the deadline did not wait for them
+    with anyio.fail_after(HANG):
+        files = [tmp_path / "pids-0", tmp_path / "pids-1"]
+        summary = await run_until_written(loop, files, loop_n=2)
     assert summary.reason == "all_duration"
-    assert elapsed < 2.5 + 3
-    pids = started_pids(tmp_path)
+    pids = await anyio.to_thread.run_sync(started_pids, tmp_path)
     assert len(pids) == 6  # two workers, each with two children
-    assert not wait_gone(pids)
+    assert not await await_gone(pids)
     assert loop.step_idx[0] == loop.step_idx[1] == 1  # the cancelled steps are not done
 
 
@@ -260,19 +274,17 @@ class Blocker(Spawner):
 
     async def s0(self, prev_out):
         if prev_out[self.LOOP_IDX_KEY] == 1:
-            while not list(self.folder.glob("pids-*")):
-                await anyio.sleep(0.02)
+            await await_file(self.folder / "pids-0")
             raise CustomError("elsewhere", 1)
         return 0
 
 
 async def test_error_elsewhere_kills_in_flight_process_steps(tmp_path):
     loop = Blocker(settings_for(tmp_path, step_semaphore=2), tmp_path)
-    started = time.monotonic()
-    with pytest.raises(CustomError):
+    # the run failing long before the blocked step would end (LONG): it did not wait for it
+    with anyio.fail_after(HANG), pytest.raises(CustomError):
         await loop.run(loop_n=2)
-    assert time.monotonic() - started < 10
-    assert not wait_gone(started_pids(tmp_path))
+    assert not await await_gone(await anyio.to_thread.run_sync(started_pids, tmp_path))
 
 
 async def test_consumer_leaving_kills_in_flight_process_steps(tmp_path):
@@ -281,7 +293,79 @@ async def test_consumer_leaving_kills_in_flight_process_steps(tmp_path):
         async for _ in results:
             await await_file(tmp_path / "pids-0")
             break
-    assert not wait_gone(started_pids(tmp_path))
+    assert not await await_gone(await anyio.to_thread.run_sync(started_pids, tmp_path))
+
+
+# a process that leaves its parent: it forks, the first process exits, and the second, now
+# an orphan that is nobody's descendant, writes its pid (once it has been re-parented) and
+# becomes a long ``sleep``; it stays in the process group it was started in
+DETACHED = textwrap.dedent(
+    """
+    import os, sys, time
+    parent = os.getpid()
+    if os.fork():
+        os._exit(0)
+    while os.getppid() == parent:
+        time.sleep(0.01)
+    path = sys.argv[1]
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
+    os.execvp("sleep", ["sleep", sys.argv[2]])
+    """
+)
+
+
+class Detacher(LoopBase):
+    """``s1`` starts a process that double-forks away from the worker, then blocks."""
+
+    def __init__(self, settings, folder: Path):
+        super().__init__(settings)
+        self.folder = folder
+
+    def s0(self, prev_out):
+        return 0
+
+    def s1(self, prev_out):
+        li = prev_out[self.LOOP_IDX_KEY]
+        orphan = self.folder / f"orphan-{li}"
+        subprocess.run([sys.executable, "-c", DETACHED, str(orphan), str(LONG)], check=True)
+        pid = int(wait_for_file(orphan))
+        assert pid not in {p.pid for p in my_children()}  # not the worker's descendant
+        (self.folder / f"pids-{li}").write_text(f"{os.getpid()} {pid}")
+        time.sleep(LONG)
+
+    def s2(self, prev_out):
+        return 2
+
+
+@pytest.mark.parametrize("how", ["deadline", "consumer-leaves"])
+async def test_cancelled_step_kills_processes_that_left_the_worker(tmp_path, how):
+    """A process a step started and that double-forked away from the worker is no longer its
+    descendant, but still in its process group: killing the group kills it too."""
+    loop = Detacher(settings_for(tmp_path, subproc_step=True), tmp_path)
+    written = tmp_path / "pids-0"
+    try:
+        with anyio.fail_after(HANG):
+            if how == "deadline":
+                summary = await run_until_written(loop, [written], loop_n=1)
+                assert summary.reason == "all_duration"
+            else:
+                async with loop.run(loop_n=1) as results:
+                    async for _ in results:
+                        await await_file(written)
+                        break
+        worker, orphan = map(int, (await await_file(written)).split())
+        assert not await await_gone([worker, orphan])
+        assert loop.step_idx[0] == 1  # the cancelled step is not done
+    finally:
+        await anyio.to_thread.run_sync(kill_written, tmp_path / "orphan-0")  # after a failure
+
+
+def kill_written(pid_file: Path) -> None:
+    """SIGKILL the process whose pid ``pid_file`` holds, if it still runs."""
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 INTERRUPTED_APP = textwrap.dedent(
@@ -314,10 +398,10 @@ def test_keyboard_interrupt_kills_in_flight_process_steps(tmp_path, backend):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     app = subprocess.Popen([sys.executable, str(script), backend, str(tmp_path)], env=env)
     try:
-        wait_for_file(tmp_path / "pids-0", timeout=30)
-        wait_for_file(tmp_path / "pids-1", timeout=30)
+        wait_for_file(tmp_path / "pids-0")
+        wait_for_file(tmp_path / "pids-1")
         app.send_signal(signal.SIGINT)
-        assert app.wait(timeout=10) == 130
+        assert app.wait(timeout=HANG) == 130
     finally:
         app.kill()
         app.wait()

@@ -117,8 +117,8 @@ def test_async_step_with_another_executor_is_refused_at_definition():
 def test_async_step_named_in_settings_is_refused_when_the_run_starts(tmp_path):
     loop = Five(settings_for(tmp_path, step_executor={"propose": "thread"}))
     with pytest.raises(TypeError, match=r"'thread' for Five\.propose, an async step"):
-        StepRunner(loop)
-    assert StepRunner(Five(settings_for(tmp_path, step_executor="thread"))).choice["propose"] == (
+        StepRunner(type(loop), loop.settings)
+    assert StepRunner(Five, settings_for(tmp_path, step_executor="thread")).choice["propose"] == (
         "inline"
     )
 
@@ -127,4 +127,4 @@ def test_missing_ray_is_a_clear_error_when_the_run_starts(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray looks like
     loop = Five(settings_for(tmp_path, step_executor={"coding": "ray"}))
     with pytest.raises(ImportError, match=r"pip install 'rdagent_loop\[ray\]'"):
-        StepRunner(loop)
+        StepRunner(type(loop), loop.settings)

@@ -8,7 +8,7 @@ import time
 
 import anyio
 import pytest
-from executor_helpers import settings_for
+from executor_helpers import HANG, end_budget, settings_for
 
 from rdagent_loop import LoopBase, step
 
@@ -80,9 +80,29 @@ async def test_thread_step_error_comes_back_as_itself(tmp_path):
 
 
 class Limited(Threaded):
+    """``work`` waits inside until a second call is inside too: the limit of 2 is reached
+    whatever the timing, and a third call at once would show as a peak of 3."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.pair = threading.Barrier(2)
+
     @step(executor="thread", limit=2)
     def work(self, prev_out):
-        return super().work(prev_out)
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            self.pair.wait(HANG)
+        finally:
+            with self.lock:
+                self.now -= 1
+        return threading.get_ident()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        del state["pair"]
+        return state
 
 
 class Inline(Threaded):
@@ -92,25 +112,60 @@ class Inline(Threaded):
 
 
 async def test_thread_step_limit_is_respected(tmp_path):
-    loop = Limited(settings_for(tmp_path, step_semaphore=4), seconds=0.15)
+    loop = Limited(settings_for(tmp_path, step_semaphore=4))
     summary = await loop.run(loop_n=6)
     assert summary.loops == 6
     assert loop.peak == 2
 
 
+class Held(Threaded):
+    """``work`` says it has started, then blocks until the test lets it go."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    @step(executor="thread")
+    def work(self, prev_out):
+        self.now += 1
+        try:
+            self.started.set()
+            assert self.release.wait(HANG), "never released"
+        finally:
+            self.now -= 1
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        del state["started"], state["release"]
+        return state
+
+
 async def test_cancelled_thread_step_is_abandoned_with_a_warning(tmp_path, caplog):
-    loop = Threaded(settings_for(tmp_path), seconds=1.5)
+    loop = Held(settings_for(tmp_path))
     caplog.set_level(logging.WARNING, logger="rdagent_loop")
-    started = time.monotonic()
-    summary = await loop.run(loop_n=1, all_duration=0.3)
-    assert time.monotonic() - started < 1.2  # the run did not wait for the thread
+
+    async def end_budget_once_started() -> None:
+        while not loop.started.is_set():
+            await anyio.sleep(0.01)
+        end_budget(loop)
+
+    try:
+        with anyio.fail_after(HANG):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(end_budget_once_started)
+                summary = await loop.run(loop_n=1, all_duration="1h")
+        # the run returned while the thread was still held: it did not wait for it
+        assert loop.now == 1
+    finally:
+        loop.release.set()
     assert summary.reason == "all_duration"
     warnings = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
     assert len(warnings) == 1
     assert "step 'work' of loop 0" in warnings[0]
-    with anyio.fail_after(5):  # let the abandoned thread finish before the next test
+    with anyio.fail_after(HANG):  # let the abandoned thread finish before the next test
         while loop.now:
-            await anyio.sleep(0.05)
+            await anyio.sleep(0.01)
 
 
 async def test_inline_sync_step_runs_on_the_event_loop_thread(tmp_path):

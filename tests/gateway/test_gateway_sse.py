@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,9 @@ def anyio_backend_name(anyio_backend: Any) -> str:
     return name
 
 
-async def wait_until_idle(client: httpx.AsyncClient, timeout: float = 10) -> dict[str, Any]:
-    """Poll ``/runs`` until nothing runs; return what it said last."""
+async def wait_until_idle(client: httpx.AsyncClient, timeout: float = 60) -> dict[str, Any]:
+    """Poll ``/runs`` until nothing runs; return what it said last (``timeout`` only guards
+    against a hang: how fast a run stops is told by its step count, not by the clock)."""
     with anyio.fail_after(timeout):
         while True:
             runs: dict[str, Any] = (await client.get("/runs")).json()
@@ -83,13 +83,11 @@ async def test_a_client_that_leaves_stops_its_run(tmp_path: Path, anyio_backend_
                         if steps == 4:
                             assert len(app.state.registry.active) == 1
                             await response.aclose()
-            left = time.monotonic()
             runs = await wait_until_idle(client)
-            assert time.monotonic() - left < 5
             ended = runs["ended"][-1]
             assert ended["ended"] == "disconnected"
             assert ended["steps"] < 40  # it stopped, long before its 1000 loops
-            with anyio.fail_after(10):  # a process pool may take a moment to exit
+            with anyio.fail_after(60):  # a process pool may take a moment to exit
                 while me.children(recursive=True):
                     await anyio.sleep(0.05)
 

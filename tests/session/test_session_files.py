@@ -59,6 +59,28 @@ def test_the_header_line_is_the_canonical_json_its_signature_covers(key: bytes |
         assert mac == _format._mac(key, fields)
 
 
+# -- capture ----------------------------------------------------------------------------------
+
+
+def test_a_capture_changes_the_switch_interval_only_to_take_a_torn_one_again() -> None:
+    from rdagent_loop._session import consistently
+    from rdagent_loop._session._capture import QUIET_INTERVAL
+
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+
+    def make() -> str:
+        seen.append(sys.getswitchinterval())
+        if len(seen) == 2:
+            raise RuntimeError("dictionary changed size during iteration")
+        return "picture"
+
+    assert consistently(make) == "picture"  # not torn: the host's setting is left alone
+    assert consistently(make) == "picture"  # torn, then taken again with threads held off
+    assert seen == pytest.approx([before, before, max(QUIET_INTERVAL, before)])
+    assert sys.getswitchinterval() == before
+
+
 # -- atomic writes --------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import anyio
 import psutil
 import pytest
 import trio
+from looplib import virtual_clock_params
 from session_loops import (
     Chain,
     Crowded,
@@ -23,6 +24,7 @@ from session_loops import (
 )
 
 from rdagent_loop import LoopSettings, list_snapshots
+from rdagent_loop._current import run_of
 from rdagent_loop._finished import FinishedLoops
 
 pytestmark = pytest.mark.anyio
@@ -58,11 +60,12 @@ async def test_21_every_snapshot_points_at_the_next_step(settings: LoopSettings)
         assert restored.loop_prev_out[li][f"s{si}"] == f"s{si}@{li}"
 
 
+@pytest.mark.parametrize("anyio_backend", virtual_clock_params())
 async def test_23_a_cancelled_step_is_not_marked_done_in_memory_or_on_disk(
     settings: LoopSettings,
 ) -> None:
-    loop = Chain(settings, delay=0.05)
-    with anyio.move_on_after(0.12):
+    loop = Chain(settings, delay=1)
+    with anyio.move_on_after(2.5):  # s0 ends at 1 s, s1 at 2 s; s2 is cancelled half-way
         await loop.run(loop_n=1)
     assert loop.step_idx[0] == 2
     assert [p.name for p in files(loop)] == ["0_s0", "1_s1"]
@@ -282,12 +285,19 @@ class SeesTheWriter(Chain):
     """Notes, in its last step, the snapshot writer processes the run has started."""
 
     async def s3(self, prev_out: dict[str, Any]) -> str:
-        self.writers = [
-            child.pid
-            for child in psutil.Process().children()
-            if any(arg.endswith("_disk_worker.py") for arg in child.cmdline())
-        ]
+        run = run_of(self)
+        assert run is not None
+        await run.writer.drain()  # its thread has started the writer process, if there is one
+        self.writers = await anyio.to_thread.run_sync(_writer_processes)
         return await super().s3(prev_out)
+
+
+def _writer_processes() -> list[int]:
+    return [
+        child.pid
+        for child in psutil.Process().children()
+        if any(arg.endswith("_disk_worker.py") for arg in child.cmdline())
+    ]
 
 
 @pytest.mark.parametrize("writer", ["auto", "thread"])

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psutil
 import pytest
 from session_loops import Chain
 
 from rdagent_loop import LoopSettings, SnapshotError, list_snapshots
-from rdagent_loop._session import SnapshotWriter, make_job
+from rdagent_loop._session import Durability, SnapshotWriter, make_job
 from rdagent_loop._session._atomic import FileOp
 from rdagent_loop._session._reader import read_snapshot
 from rdagent_loop._session._writer_process import PIPE_SIZE, WriterProcess, available
@@ -156,15 +157,30 @@ def test_the_writer_process_dies_with_its_parent_even_by_sigkill(tmp_path: Path)
 # -- inside a run ---------------------------------------------------------------------------
 
 
+def writer_processes() -> list[psutil.Process]:
+    return [
+        child
+        for child in psutil.Process().children()
+        if any(arg.endswith("_disk_worker.py") for arg in child.cmdline())
+    ]
+
+
+def kill_writer_process() -> None:
+    deadline = time.monotonic() + 10
+    while not (found := writer_processes()):  # the writer thread starts it: soon, not now
+        assert time.monotonic() < deadline, "no snapshot writer process"
+        time.sleep(0.01)
+    for child in found:
+        child.kill()
+        assert gone(child.pid)  # not waited for: that is the run's to do
+
+
 class KillsItsWriter(Chain):
     """``s1`` of loop 0 kills the run's snapshot writer process."""
 
     async def s1(self, prev_out: dict[str, Any]) -> str:
         if prev_out[self.LOOP_IDX_KEY] == 0:
-            for child in psutil.Process().children():
-                if any(arg.endswith("_disk_worker.py") for arg in child.cmdline()):
-                    child.kill()
-                    assert gone(child.pid)  # not waited for: that is the run's to do
+            await anyio.to_thread.run_sync(kill_writer_process)  # off the event loop
         return await super().s1(prev_out)
 
 
@@ -176,11 +192,7 @@ async def test_a_writer_process_killed_under_a_run_fails_it_with_a_clear_error(
     with pytest.raises(SnapshotError, match=r"writer process \(pid \d+\) was killed by signal 9"):
         await loop.run(loop_n=2)
     assert all(info.valid for info in list_snapshots(loop.session_folder))
-    assert not [
-        child
-        for child in psutil.Process().children()
-        if any(arg.endswith("_disk_worker.py") for arg in child.cmdline())
-    ]
+    assert not writer_processes()
 
 
 class State:
@@ -288,7 +300,7 @@ async def test_after_a_failed_write_chunks_of_dropped_snapshots_are_written_agai
         assert writer.submit(job(session / "1" / "0_s0"))  # fails
         assert writer.submit(job(session / "0" / "0_s0"))  # dropped, its chunks with it
         with pytest.raises(NotADirectoryError):
-            writer.flush()
+            await writer.drain()
         late = job(session / "0" / "1_s1")
         assert not writer.submit(late)  # the caller writes it itself
         late.run()
@@ -326,3 +338,80 @@ async def test_jobs_built_here_while_the_thread_builds_one_are_answered_in_order
     assert writer.statistics().jobs_done == 30
     for n in range(30):
         read_snapshot(session / str(n) / "3_record", None).check_chunks(deep=True)
+
+
+# -- waiting, without blocking the event loop -----------------------------------------------
+
+
+def small_job(path: Path, size: int = 1000, durability: Durability = "flush") -> Any:
+    state = State(data=os.urandom(size))
+    return make_job(state, path, durability=durability, key=None, index=None, outputs=[])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["process", "thread"])
+async def test_with_nothing_to_wait_for_wait_room_and_drain_return_without_a_checkpoint(
+    tmp_path: Path, mode: str
+) -> None:
+    async with SnapshotWriter(mode=mode) as writer:  # type: ignore[arg-type]
+        assert writer.submit(small_job(tmp_path / "0_s"))
+        await writer.drain()
+        assert (tmp_path / "0_s").exists()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await writer.wait_room()  # called at every step: it must cost next to nothing
+            await writer.drain()
+        assert not scope.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_submit_never_waits_and_wait_room_waits_with_the_event_loop_running(
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+
+    def stuck_fsync(fd: int) -> None:  # a disk that takes no write until the gate opens
+        gate.wait(30)
+        os.fsync(fd)
+
+    try:
+        async with SnapshotWriter(mode="thread", max_pending=50_000, fsync=stuck_fsync) as writer:
+            for n in range(10):  # 200 KB behind a stuck disk: not one of them waits
+                assert writer.submit(small_job(tmp_path / f"{n}_s", 20_000, "fsync"))
+            assert writer.statistics().jobs_done == 0
+            assert writer.statistics().bytes_pending > 50_000
+            found_room: list[int] = []
+
+            async def wait_room() -> None:
+                await writer.wait_room()
+                found_room.append(writer.statistics().bytes_pending)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_room)
+                for _ in range(5):
+                    await anyio.sleep(0.01)  # the event loop runs while wait_room waits
+                assert found_room == []
+                gate.set()
+            assert found_room[0] <= 50_000
+            await writer.drain()
+            assert writer.statistics().jobs_done == 10
+            assert all((tmp_path / f"{n}_s").exists() for n in range(10))
+    finally:
+        gate.set()
+
+
+@pytest.mark.anyio
+async def test_drain_waits_until_the_writer_process_has_written_everything(
+    tmp_path: Path,
+) -> None:
+    async with SnapshotWriter(mode="process") as writer:
+        assert writer.submit(small_job(tmp_path / "0_big", 3 * PIPE_SIZE))  # partly on the thread
+        for n in range(1, 20):
+            assert writer.submit(small_job(tmp_path / f"{n}_s"))
+        await writer.drain()
+        statistics = writer.statistics()
+        assert statistics.jobs_done == 20
+        assert statistics.jobs_pending == statistics.bytes_pending == 0
+        for n in range(1, 20):
+            assert read_snapshot(tmp_path / f"{n}_s", None).state_size > 0
+        assert read_snapshot(tmp_path / "0_big", None).state_size > 3 * PIPE_SIZE
