@@ -1,8 +1,9 @@
 """Reading a session for people: which loop class it holds, what every loop and step did.
 
-Used by the ``inspect``, ``timeline`` and ``resume`` commands. It goes through the public API
-only: :func:`list_snapshots` (which checks every snapshot without unpickling it) and
-``LoopBase.load`` of the newest valid snapshot (whose ``loop_trace`` has the timing of every
+Used by the ``inspect``, ``timeline`` and ``resume`` commands. It reads a session the way
+the engine does: the session package finds the folder and picks the snapshot a load
+continues from, :func:`list_snapshots` checks every snapshot without unpickling it, and
+``LoopBase.load`` reads the chosen one (whose ``loop_trace`` has the timing of every
 finished step of every loop).
 """
 
@@ -14,13 +15,13 @@ import re
 import reprlib
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-# the public names only: the snapshot format behind them may change
-from . import LoopBase, SnapshotError, SnapshotInfo, list_snapshots
+from . import LoopBase, LoopSettings, SnapshotError, SnapshotInfo, list_snapshots
+from ._session import newest_valid, qualified_name, session_folder_of, signing_key, snapshot_files
 
 META_FILE = "rdagent-loop.json"
 """Written by ``rdagent-loop run`` beside ``__session__``: the loop class, so ``resume`` and
@@ -46,21 +47,45 @@ class SessionPaths:
     snapshot: Path | None = None  # when a single snapshot file was named
 
 
-def resolve(path: str | Path) -> SessionPaths:
+def session_paths(path: str | Path) -> SessionPaths:
     """Accept a trace path, a ``__session__`` folder or one snapshot file."""
     shown = Path(path)
     if not shown.exists():
         raise SessionError(f"no session at {shown}: it does not exist")
     # absolute, so that a loaded loop's paths do not depend on where it runs from
     path = shown.absolute()
-    if path.is_file():
-        session = path.parent.parent
-        return SessionPaths(session.parent, session, path)
-    if (path / "__session__").is_dir():
-        return SessionPaths(path, path / "__session__")
-    if path.name == "__session__" or any(p.name.isdigit() for p in path.iterdir() if p.is_dir()):
-        return SessionPaths(path.parent, path)
-    raise SessionError(f"no session at {shown}: no __session__ folder in it")
+    folder = session_folder_of(path)
+    if path.is_dir() and folder.name != "__session__" and not any(snapshot_files(folder)):
+        raise SessionError(f"no session at {shown}: no __session__ folder in it")
+    return SessionPaths(folder.parent, folder, path if path.is_file() else None)
+
+
+def newest_snapshot(
+    paths: SessionPaths, snapshots: list[SnapshotInfo]
+) -> tuple[SnapshotInfo | None, list[SnapshotInfo]]:
+    """The snapshot ``LoopBase.load`` of the session folder continues from, or None.
+
+    The session package's rule picks it (the newest that passes every check, its chunks
+    read and hashed), so what ``inspect`` shows and ``resume`` continues from is what a load
+    gets. Also returns the listing with the snapshots it skipped marked invalid: the listing
+    checks a chunk's size only, the load its hash.
+    """
+    skipped: dict[Path, str] = {}
+    try:
+        snapshot, _ = newest_valid(
+            (s.path for s in snapshots),
+            paths.session_folder,
+            signing_key(LoopSettings().signing_key),
+            on_skip=lambda path, exc: skipped.setdefault(path, str(exc)),
+        )
+    except FileNotFoundError:
+        snapshot = None
+    listing = [
+        replace(s, valid=False, problem=skipped[s.path]) if s.valid and s.path in skipped else s
+        for s in snapshots
+    ]
+    chosen = next((s for s in listing if snapshot is not None and s.path == snapshot.path), None)
+    return chosen, listing
 
 
 def read_meta(trace_path: Path) -> dict[str, Any]:
@@ -106,10 +131,6 @@ def import_loop_class(target: str) -> type[LoopBase]:
     return obj
 
 
-def qualified_name(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
 _QUALNAME = re.compile(r"\b([A-Za-z_][\w.]*:[A-Za-z_][\w.]*)\b")
 
 
@@ -145,10 +166,6 @@ def load_loop(
             except FileNotFoundError as exc:
                 raise SessionError(str(exc)) from None
         return loop, [str(w.message) for w in caught]
-
-
-def newest_valid(snapshots: list[SnapshotInfo]) -> SnapshotInfo | None:
-    return next((s for s in reversed(snapshots) if s.valid), None)
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -197,14 +214,6 @@ class LoopRow:
     steps: tuple[StepRow, ...]
 
     @property
-    def started_at(self) -> datetime | None:
-        return min((s.started_at for s in self.steps if s.started_at), default=None)
-
-    @property
-    def ended_at(self) -> datetime | None:
-        return max((s.ended_at for s in self.steps if s.ended_at), default=None)
-
-    @property
     def busy(self) -> float:
         return sum(s.duration or 0.0 for s in self.steps)
 
@@ -232,7 +241,6 @@ class SessionReport:
     loop_n: int | None = None
     step_n: int | None = None
     problem: str | None = None  # why no state could be loaded
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def corrupt(self) -> list[SnapshotInfo]:
@@ -362,7 +370,7 @@ def read_session(
     path: str | Path, loop_class: str | None = None
 ) -> tuple[SessionReport, LoopBase | None]:
     """Everything ``inspect`` and ``timeline`` show; the loop is None if none could be loaded."""
-    paths = resolve(path)
+    paths = session_paths(path)
     snapshots = list_snapshots(paths.session_folder)
     if not snapshots:
         raise SessionError(
@@ -370,7 +378,7 @@ def read_session(
         )
     chosen = paths.snapshot
     if chosen is None:
-        newest = newest_valid(snapshots)
+        newest, snapshots = newest_snapshot(paths, snapshots)
         chosen = newest.path if newest is not None else None
     loop: LoopBase | None = None
     problem: str | None = None

@@ -201,3 +201,29 @@ def test_live_display_on_a_terminal(tmp_path: Path) -> None:
     assert "loop    0 " in text  # a line for a loop in flight
     assert "loop 2 done: " in text  # finished loops stay on the screen
     assert b"finished: 15 steps" in out
+
+
+def test_a_class_without_a_settings_argument_gets_the_command_line_settings(
+    cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Its settings come from the environment; the command line's still apply, in place."""
+    (tmp_path / "own.py").write_text(
+        "from rdagent_loop import LoopBase, LoopSettings\n"
+        "class Bare(LoopBase):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "    async def a(self, prev_out): return 1\n"
+        "    async def b(self, prev_out): return 2\n"
+        "class Own(Bare):\n"
+        "    def __init__(self):\n"
+        "        LoopBase.__init__(self, LoopSettings(trace_path='elsewhere'))\n"
+    )
+    for name in ("Bare", "Own"):
+        done = cli("run", f"own:{name}", "--loop-n", "3", "--parallel", "2", "--trace-path", name)
+        assert done.returncode == 0, done.stderr
+        assert f"running own:{name}: 3 loops, 2 in parallel" in done.stdout
+        assert len(list_snapshots(tmp_path / name / "__session__")) == 6
+        report = inspect_json(tmp_path / name, cwd=tmp_path)
+        assert [loop["status"] for loop in report["loops"]] == ["finished"] * 3
+    assert not (tmp_path / "elsewhere").exists()
+    assert not (tmp_path / "log").exists()

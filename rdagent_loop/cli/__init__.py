@@ -1,0 +1,21 @@
+"""``rdagent-loop``: run, watch, stop, inspect, resume and chart R&D loops from a shell.
+
+    rdagent-loop run examples.data_science.loop:DataScienceLoop --loop-n 8 --parallel 3
+    rdagent-loop inspect log/2025-01-01_12-00-00-000000
+    rdagent-loop resume log/2025-01-01_12-00-00-000000 [--checkout forked/]
+    rdagent-loop timeline log/2025-01-01_12-00-00-000000 -o timeline.svg
+    rdagent-loop demo
+
+Ctrl-C stops a run cleanly (in-flight steps are cancelled, their child processes killed,
+every completed step is already saved) and says how to resume. Errors are one line on
+standard error and a non-zero exit status; ``--debug`` adds the traceback.
+
+Modules: ``_commands`` (the click commands and ``main``), ``_start`` (a loop ready to run, in
+a new session or resumed), ``_driver`` (the run under a backend: signals, live display, the
+end-of-run lines), ``_render`` (the ``inspect`` table, the timeline as a PNG), ``_demo``
+(the example the demo runs), ``_messages`` (one-line errors, paths to paste back).
+"""
+
+from ._commands import main as main
+
+__all__ = ("main",)

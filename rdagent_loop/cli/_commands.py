@@ -1,0 +1,315 @@
+"""The click commands: arguments and options in, one call to do the work, exit status out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .. import __version__, parse_duration
+from .._inspect import SessionError, import_loop_class, read_session
+from .._session import qualified_name
+from .._timeline import render_svg
+from ._demo import import_demo, run_demo
+from ._driver import RunOptions
+from ._messages import CliError, error_line, prog, shown
+from ._render import render_table, write_png
+from ._start import construct, resume, start
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_RUN_OPTIONS = frozenset(f.name for f in dataclasses.fields(RunOptions))
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, name=f"--{param.name}")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).replace(f"--{param.name} ", ""), ctx, param) from None
+
+
+def _run_options(func: F) -> F:
+    """The budget and display options of every command that runs loops (:class:`RunOptions`)."""
+    options = [
+        click.option(
+            "--loop-n",
+            "--loops",
+            "loop_n",
+            type=click.IntRange(min=0),
+            help="Loops to admit (unfinished loops of a resumed session count first).",
+        ),
+        click.option(
+            "--step-n",
+            "--steps",
+            "step_n",
+            type=click.IntRange(min=0),
+            help="Stop after exactly this many steps (the session stays resumable).",
+        ),
+        click.option(
+            "--timeout",
+            callback=_duration,
+            metavar="DURATION",
+            help="Stop after this long: 90s, 30m, 2h, 1d or seconds.",
+        ),
+        click.option(
+            "--parallel",
+            type=click.IntRange(min=1),
+            help="Loops in flight at once (the step_semaphore).",
+        ),
+        click.option(
+            "--backend",
+            type=click.Choice(["asyncio", "trio"]),
+            default="asyncio",
+            show_default=True,
+            help="The event loop to run on.",
+        ),
+        click.option(
+            "--no-progress",
+            is_flag=True,
+            help="Plain lines instead of the live display, even on a terminal.",
+        ),
+        click.option("-v", "--verbose", is_flag=True, help="Show every step and the engine's log."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _class_option(func: F) -> F:
+    return click.option(
+        "--class",
+        "loop_class",
+        metavar="MODULE:CLASS",
+        help="The loop class, for a session not started by this command.",
+    )(func)
+
+
+class _Commands(click.Group):
+    """The commands; ``demo`` is built when asked for, from the example it runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "demo"])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "demo":
+            return _demo_command()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="rdagent-loop")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Run, watch, stop, inspect and resume R&D loops (rdagent_loop)."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("target", metavar="MODULE:CLASS")
+@_run_options
+@click.option(
+    "--trace-path",
+    type=click.Path(path_type=Path),
+    help="Where the session goes (default: ./log/<date-time>).",
+)
+@click.pass_context
+def run(ctx: click.Context, /, target: str, trace_path: Path | None, **options: Any) -> int:
+    """Start a run of the LoopBase subclass MODULE:CLASS, with a live display.
+
+    MODULE is imported from the current folder too, like `python -m`.
+    """
+    try:
+        cls = import_loop_class(target)
+    except SessionError as exc:
+        raise CliError(str(exc)) from None
+    return start(
+        construct(cls),
+        qualified_name(cls),
+        trace_path,
+        RunOptions(**options),
+        debug=ctx.obj["debug"],
+    )
+
+
+@cli.command("resume")
+@click.argument("session", type=click.Path(path_type=Path))
+@click.option(
+    "--checkout",
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="Fork: continue in PATH and leave SESSION untouched.",
+)
+@_class_option
+@_run_options
+@click.pass_context
+def resume_command(
+    ctx: click.Context,
+    /,
+    session: Path,
+    checkout: Path | None,
+    loop_class: str | None,
+    **options: Any,
+) -> int:
+    """Continue SESSION (a trace path, its __session__ folder, or one snapshot file).
+
+    From a folder it continues from the newest valid snapshot; from a snapshot file it
+    continues from that step and deletes the snapshots written after it (or forks, with
+    --checkout). Budgets left out keep what the session saved.
+    """
+    try:
+        return resume(session, checkout, loop_class, RunOptions(**options), debug=ctx.obj["debug"])
+    except SessionError as exc:
+        raise CliError(str(exc)) from None
+
+
+@cli.command("inspect")
+@click.argument("session", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for scripts.")
+@_class_option
+def inspect_command(session: Path, as_json: bool, loop_class: str | None) -> int:
+    """Show every loop x step of SESSION: status, duration, result, errors, corrupt snapshots."""
+    try:
+        report, _ = read_session(session, loop_class)
+    except SessionError as exc:
+        raise CliError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        width = shutil.get_terminal_size((140, 24)).columns
+        for line in render_table(report, width):
+            click.echo(line)
+    return 1 if report.problem else 0
+
+
+@cli.command()
+@click.argument("session", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("timeline.svg"),
+    show_default=True,
+    help="The chart: .svg (self-contained) or .png (needs Chromium).",
+)
+@click.option("--width", type=click.IntRange(600, 20000), default=1200, show_default=True)
+@click.option("--title", help="A title instead of the class and folder name.")
+@_class_option
+def timeline(
+    session: Path, output: Path, width: int, title: str | None, loop_class: str | None
+) -> int:
+    """Draw every step of every loop of SESSION over time: where the time went."""
+    try:
+        report, loop = read_session(session, loop_class)
+    except SessionError as exc:
+        raise CliError(str(exc)) from None
+    if loop is None:
+        raise CliError(f"cannot chart {shown(session)}: {report.problem}")
+    svg = render_svg(report, width=width, title=title)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix.lower() == ".png":
+        write_png(svg, output)
+    else:
+        output.write_text(svg)
+    steps = sum(1 for row in report.loops for s in row.steps if s.started_at)
+    click.echo(f"wrote {shown(output)}: {len(report.loops)} loops, {steps} steps")
+    return 0
+
+
+def _demo_command() -> click.Command:
+    """``demo``, with the defaults and options of the example it runs."""
+    try:
+        demo = import_demo()
+    except CliError as exc:  # not in a checkout: the command says so when it is run
+        missing = exc
+
+        @click.command("demo")
+        def unavailable() -> None:
+            """Run the data-science example (needs a checkout of rdagent_loop)."""
+            raise missing
+
+        return unavailable
+
+    demo_options: Callable[[F], F] = demo.options
+
+    @click.command("demo", help=demo.HELP)
+    @_run_options
+    @click.option(
+        "--trace-path",
+        type=click.Path(path_type=Path),
+        default=demo.TRACE_PATH,
+        show_default=True,
+        help="Where the session goes.",
+    )
+    @click.option(
+        "--resume",
+        "resume_path",
+        type=click.Path(path_type=Path),
+        metavar="PATH",
+        help="Continue the demo session in PATH instead of starting one.",
+    )
+    @click.option("--overwrite", is_flag=True, help="Replace a session already in --trace-path.")
+    @demo_options
+    @click.pass_context
+    def command(
+        ctx: click.Context,
+        /,
+        trace_path: Path,
+        resume_path: Path | None,
+        overwrite: bool,
+        **options: Any,
+    ) -> int:
+        run_options = RunOptions(**{k: v for k, v in options.items() if k in _RUN_OPTIONS})
+        loop_options = {k: v for k, v in options.items() if k not in _RUN_OPTIONS}
+        try:
+            return run_demo(
+                demo,
+                trace_path,
+                resume_path,
+                overwrite,
+                run_options,
+                loop_options,
+                debug=ctx.obj["debug"],
+            )
+        except SessionError as exc:
+            raise CliError(str(exc)) from None
+
+    return command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``rdagent-loop`` command; return the exit status (``__main__`` exits with it)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = prog()
+    try:
+        status = cli.main(args=args, prog_name=name, standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        message = exc.format_message()
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            message += f" (see `{exc.ctx.command_path} --help`)"
+        click.echo(f"{name}: error: {' '.join(message.split())}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:
+        if "--debug" in args:
+            traceback.print_exc()
+        click.echo(f"{name}: error: {error_line(exc)}", err=True)
+        return 1
+    return status if isinstance(status, int) else 0

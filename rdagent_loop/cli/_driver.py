@@ -1,0 +1,180 @@
+"""Running a loop from the command line, and saying how it ended.
+
+The run goes under the chosen backend with the live display beside it; the first Ctrl-C
+(or SIGTERM) cancels it, which stops in-flight steps and keeps every saved one. The last
+lines say what happened and what to type next, and the exit status tells scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import click
+from anyio.abc import TaskStatus
+
+from .. import LoopBase, RunSummary, list_snapshots
+from .._live import LiveDisplay
+from .._timeline import format_seconds
+from ._messages import error_line, prog, shown
+
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The command line's budgets and display options (``--loop-n``, ``--backend``, ...)."""
+
+    loop_n: int | None
+    step_n: int | None
+    timeout: timedelta | None
+    parallel: int | None
+    backend: str
+    no_progress: bool
+    verbose: bool
+
+
+@dataclass
+class _Ended:
+    summary: RunSummary | None = None
+    error: BaseException | None = None
+    signal: int | None = None
+
+
+async def _watch_signals(
+    scope: anyio.CancelScope,
+    ended: _Ended,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The first Ctrl-C (or SIGTERM) cancels the run: in-flight steps stop, saved ones stay."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            ended.signal = signum
+            scope.cancel(f"stopped by {signal.Signals(signum).name}")
+            return
+
+
+async def _drive(loop: LoopBase, display: LiveDisplay, kwargs: dict[str, Any]) -> _Ended:
+    ended = _Ended()
+    async with anyio.create_task_group() as tg:
+        # started before the run, so a Ctrl-C always finds the watcher
+        await tg.start(_watch_signals, tg.cancel_scope, ended)
+        tg.start_soon(display.refresh_forever)
+        try:
+            run = loop.run(**kwargs)
+            display.attach(run)
+            async with run as results:
+                async for result in results:
+                    display.result(result)
+            ended.summary = results.summary
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            ended.error = exc
+        tg.cancel_scope.cancel("the run ended")
+    return ended
+
+
+class _DisplayLog(logging.Handler):
+    """The engine's log lines, printed above the live display."""
+
+    def __init__(self, display: LiveDisplay) -> None:
+        super().__init__()
+        self.display = display
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.display.message(f"  {record.levelname.lower()}: {record.getMessage()}")
+        except Exception:
+            self.handleError(record)
+
+
+def run_with_display(loop: LoopBase, options: RunOptions, *, debug: bool) -> int:
+    """Run ``loop`` with a live display; report how it ended; return the exit status."""
+    steps = len(loop.steps)
+    total = (
+        options.step_n
+        if options.step_n is not None
+        else (options.loop_n * steps if options.loop_n else None)
+    )
+    interactive = sys.stderr.isatty() and not options.no_progress
+    display = LiveDisplay(
+        loop, sys.stderr, interactive=interactive, total_steps=total, verbose=options.verbose
+    )
+    level = logging.INFO if options.verbose else logging.WARNING
+    engine_log = logging.getLogger("rdagent_loop")
+    handler = _DisplayLog(display)
+    handler.setLevel(level)
+    engine_log.addHandler(handler)
+    old_level = engine_log.level
+    engine_log.setLevel(level)
+    kwargs: dict[str, Any] = {"loop_n": options.loop_n, "step_n": options.step_n}
+    if options.timeout is not None:
+        kwargs["all_duration"] = options.timeout
+    started = time.monotonic()
+    try:
+        with warnings.catch_warnings():  # restores showwarning on the way out
+            warnings.simplefilter("default")
+
+            def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+                display.message(f"  warning: {message}")
+
+            warnings.showwarning = show
+            ended = anyio.run(_drive, loop, display, kwargs, backend=options.backend)
+    finally:
+        display.close()
+        engine_log.removeHandler(handler)
+        engine_log.setLevel(old_level)
+    return _report(loop, ended, display.steps_done, time.monotonic() - started, debug=debug)
+
+
+def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, debug: bool) -> int:
+    """The end-of-run lines: how it ended, where the session is, what to type next."""
+    trace = loop.session_folder.parent
+    resume = f"{prog()} resume {shown(trace)}"
+    saved = sum(1 for s in list_snapshots(loop.session_folder) if s.valid)
+    if ended.signal is not None:
+        signum = signal.Signals(ended.signal)
+        how = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signum.name
+        click.echo(
+            f"interrupted by {how} after {steps_done} steps: stopped cleanly; "
+            f"the session in {shown(trace)} keeps every completed step ({saved} snapshots)."
+        )
+        click.echo(f"resume with: {resume}")
+        return EXIT_STATUS.get(signum, 1)
+    if ended.error is not None:
+        if debug:
+            traceback.print_exception(ended.error)
+        click.echo(f"{prog()}: error: {error_line(ended.error)}", err=True)
+        click.echo(
+            f"the session in {shown(trace)} keeps every completed step; resume with: {resume}",
+            err=True,
+        )
+        return 1
+    summary = ended.summary
+    assert summary is not None
+    click.echo(f"finished: {summary} in {format_seconds(seconds)}")
+    best = getattr(loop, "best", None)
+    if best is not None and not callable(best):
+        click.echo(f"best: {best}")
+    click.echo(f"session: {shown(trace)} ({saved} snapshots)")
+    unfinished = loop.get_unfinished_loop_cnt(loop.loop_idx)
+    if unfinished or summary.reason in ("step_n", "all_duration"):
+        click.echo(f"resume with: {resume}")
+    else:
+        click.echo(f"run more loops with: {resume} --loop-n 4")
+    click.echo(
+        f"inspect with: {prog()} inspect {shown(trace)}; "
+        f"chart: {prog()} timeline {shown(trace)} -o timeline.svg"
+    )
+    return 0
