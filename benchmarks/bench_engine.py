@@ -10,6 +10,7 @@ are noisy: read the ratios measured in one run, not the absolute numbers.
 from __future__ import annotations
 
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -228,6 +229,22 @@ async def _parallel(limit: int) -> float:
         return seconds
 
 
+def _fresh_process(backend: str) -> tuple[float, float, float]:
+    """A fresh interpreter running ``benchmarks/fresh_run.py``: seconds to import the engine,
+    seconds in ``loop.run``, and the whole process's wall time, timed from outside."""
+    begun = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fresh_run", backend],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    wall = time.perf_counter() - begun
+    imported, in_run = (float(x) for x in done.stdout.split())
+    return imported, in_run, wall
+
+
 async def _error_release() -> float:
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:  # a few files only
         loop = FailsBesideSiblings(_settings(tmp, step_semaphore=4, durability="flush"))
@@ -336,6 +353,20 @@ def run() -> list[Row]:
                     f"<= {PAR_BAR}: {_verdict(ratio <= PAR_BAR)}",
                 )
             )
+
+        fresh = [_fresh_process(backend) for _ in range(REPEATS)]
+        imported, in_run, wall = (_median([f[i] for f in fresh]) for i in range(3))
+        ideal = ideal_wall(PAR_LOOPS, PAR_STEPS, PAR_STEP_S, 4)
+        rows.append(
+            (
+                f"{tag} the same at limit 4 as a fresh program (python -m benchmarks.fresh_run),"
+                " default settings (snapshots, fsync)",
+                f"loop.run {in_run:.3f} s = {in_run / ideal:.3f} x ideal; whole process "
+                f"{wall:.3f} s = {wall / ideal:.3f} ({imported * 1000:.0f} ms importing "
+                "rdagent_loop, most of it pydantic)",
+                f"run <= {PAR_BAR}: {_verdict(in_run / ideal <= PAR_BAR)}; whole process: reported",
+            )
+        )
 
         release = _median(_repeat(_error_release, backend))
         rows.append(

@@ -23,8 +23,7 @@ from ._session import list_snapshots as list_snapshots
 from ._settings import LoopSettings as LoopSettings
 from ._steps import StepOptions as StepOptions
 from ._steps import step as step
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 __all__ = (
     "LoopBase",

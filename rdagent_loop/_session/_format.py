@@ -15,11 +15,11 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from .._errors import SnapshotError
+from .._version import __version__
 
 MAGIC = b"RDLOOP-SNAPSHOT\n"
 FORMAT_VERSION = 2
@@ -27,10 +27,7 @@ MAX_HEADER = 64 * 1024
 
 Kind = Literal["snapshot", "outputs"]
 
-try:
-    ENGINE_VERSION = metadata.version("rdagent_loop")
-except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-    ENGINE_VERSION = "0+unknown"
+ENGINE_VERSION = __version__
 
 
 def qualified_name(cls: type) -> str:
