@@ -46,8 +46,8 @@ class RunStatistics:
     peak_steps_running: dict[str, int]
     results_pending: int
     executors: int = 0
-    """The most loops the current generation has run at once, one task each: at most
-    ``max_parallel``."""
+    """Executor tasks the current generation has started: one per loop handed over while
+    none was free, at most ``max_parallel``."""
 
 
 class Run:
@@ -70,7 +70,9 @@ class Run:
         self.runner = StepRunner(type(loop), settings)
         self.limiters = {name: StepLimit(self.runner.limit_of(name)) for name in loop.steps}
         self.budget = StepBudget(None)
-        self.writer = SnapshotWriter(mode=settings.snapshot_writer)
+        # without snapshots nothing is written: no writer process is started
+        writer_mode = settings.snapshot_writer if settings.save_snapshots else "thread"
+        self.writer = SnapshotWriter(mode=writer_mode)
         total = step_n if step_n is not None else (loop_n * len(loop.steps) if loop_n else None)
         self.progress = make_progress(loop.steps, total, enabled=settings.progress)
         self.generation: Generation | None = None
@@ -95,7 +97,7 @@ class Run:
             steps_running=dict(self.running),
             peak_steps_running=dict(self.peak_running),
             results_pending=self.outlet.pending,
-            executors=0 if generation is None else generation.peak_loops_running,
+            executors=0 if generation is None else generation.executors,
         )
 
     async def wait_loop_finished(self) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import anyio
 
-from ._errors import LoopResumeError, LoopTerminationError, StepTimeoutError
+from ._errors import StepTimeoutError
 from ._executors import StepRunner
 from ._logging import log
 
@@ -25,11 +25,6 @@ async def call_step(
     """
     options = runner.options[name]
     timeout, retries = runner.timeouts[name], runner.retries[name]
-    control: tuple[type[BaseException], ...] = (
-        LoopTerminationError,
-        LoopResumeError,
-        *loop.withdraw_loop_error,
-    )
     func = getattr(loop, name)
     prev_out = loop.loop_prev_out[loop_idx]
     retried: list[BaseException] = []
@@ -46,7 +41,7 @@ async def call_step(
         except Exception as exc:
             if len(retried) >= retries or not isinstance(exc, options.retry_on):
                 raise
-            if isinstance(exc, control):
+            if isinstance(exc, runner.never_retried):
                 raise
             retried.append(exc)
             delay = options.backoff * options.backoff_factor ** (len(retried) - 1)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .._errors import LoopResumeError, LoopTerminationError
 from .._settings import ExecutorName, LoopSettings
 from .._steps import StepOptions, step_options
 from ._base import Executor, StepCall
@@ -54,6 +55,12 @@ class StepRunner:
             name: settings.retries_for(name) if o.retries is None else o.retries
             for name, o in self.options.items()
         }
+        # the engine's control errors: a retry policy never swallows them
+        self.never_retried: tuple[type[BaseException], ...] = (
+            LoopTerminationError,
+            LoopResumeError,
+            *loop_class.withdraw_loop_error,
+        )
         self._executors: dict[ExecutorName, Executor] = {}
         if "ray" in self.choice.values():
             from ._ray import check_ray_installed

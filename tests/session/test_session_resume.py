@@ -64,7 +64,9 @@ async def test_21_every_snapshot_points_at_the_next_step(settings: LoopSettings)
 async def test_23_a_cancelled_step_is_not_marked_done_in_memory_or_on_disk(
     settings: LoopSettings,
 ) -> None:
-    loop = Chain(settings, delay=1)
+    # the thread writer: a run waits for a writer process to start, and a virtual clock
+    # jumps while it waits on a real process (past this test's 2.5 s)
+    loop = Chain(settings.model_copy(update={"snapshot_writer": "thread"}), delay=1)
     with anyio.move_on_after(2.5):  # s0 ends at 1 s, s1 at 2 s; s2 is cancelled half-way
         await loop.run(loop_n=1)
     assert loop.step_idx[0] == 2
