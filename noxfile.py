@@ -7,7 +7,8 @@
   ``chromium``, which ``.ci/run`` installs);
 * ``lint``: ruff check and ruff format --check;
 * ``typecheck``: mypy strict on the package;
-* ``bench``: ``python -m benchmarks``, the table of DESIGN.md §4 (not part of the suite).
+* ``bench``: ``python -m benchmarks``, the table docs/benchmarks.md explains (not part of
+  the suite).
 
 Extra arguments go to the tool: ``nox -s tests -- -k resume -x``.
 Every session uses the interpreter nox runs on; pytest's "no tests ran" (exit 5) fails.

@@ -1,4 +1,4 @@
-"""``python -m benchmarks [NAME ...]``: every benchmark of DESIGN.md §4 in one table.
+"""``python -m benchmarks [NAME ...]``: every benchmark in one table (docs/benchmarks.md).
 
 Each ``benchmarks/bench_<name>.py`` has ``run() -> list[tuple[str, str, str]]`` (what, figure,
 bar). Names: engine, snapshots, executors (default: all that are present). A benchmark that is

@@ -1,7 +1,8 @@
-"""Engine benchmarks (DESIGN.md §4): overhead, parallel efficiency, error release, backpressure.
+"""Engine benchmarks: overhead, parallel efficiency, error release, backpressure.
 
 Each figure is measured on asyncio and on trio and is the median of a few repeats. Machines
-are noisy: read the ratios measured in one run, not the absolute numbers.
+are noisy: read the ratios measured in one run, not the absolute numbers. docs/benchmarks.md
+explains each row and its bar.
 
     python -m benchmarks.bench_engine        # this file's rows only
     python -m benchmarks                     # every benchmark, one table
@@ -31,7 +32,7 @@ BACKENDS = ("asyncio", "trio")
 REPEATS = 3
 REPEAT_BUDGET_S = 4.0
 
-OLD_ENGINE_STEPS_PER_S = 404  # DESIGN.md §4: the asyncio engine we replace, same machine size
+OLD_ENGINE_STEPS_PER_S = 404  # the asyncio engine we replace, on a 2-core machine like ours
 OVERHEAD_STEPS = 2000
 OVERHEAD_BAR = 2000  # steps/s with snapshots
 

@@ -1,4 +1,4 @@
-"""Executor benchmarks (DESIGN.md §4): the reused process pool, and stop latency.
+"""Executor benchmarks (docs/benchmarks.md): the reused process pool, and stop latency.
 
 ``python -m benchmarks.bench_executors`` prints a table; ``run()`` returns its rows
 ``(what, figure, bar)`` for ``python -m benchmarks``.
@@ -46,7 +46,7 @@ REPEATS = 3
 
 
 def make_state(megabytes: int, kind: str = "blob") -> Any:
-    """10 MB of state, as DESIGN.md's reference measures it (``blob``: data held in memory,
+    """10 MB of state, as the old engine's reference figure had it (``blob``: data held in memory,
     which pickles at memory speed), or as RD-Agent-like records (``records``: thousands of
     experiments with code and feedback text, which pickle object by object)."""
     if kind == "blob":

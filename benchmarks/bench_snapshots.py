@@ -1,4 +1,4 @@
-"""Snapshot costs (DESIGN.md §4): flat per-step cost, flat disk, and durable-write overhead.
+"""Snapshot costs (docs/benchmarks.md): flat per-step cost, flat disk, and durable-write overhead.
 
 ``python -m benchmarks.bench_snapshots`` prints a table; ``run()`` returns its rows
 ``(what, figure, bar)`` for ``python -m benchmarks``.

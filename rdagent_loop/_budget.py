@@ -10,25 +10,31 @@ from typing import Any
 
 import anyio
 
-_DURATION = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)(?P<unit>[smhd]?)")
+# ASCII only: \d would also take "٣" (Arabic-Indic three), which float() reads as 3
+_DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>[smhd]?)", re.ASCII)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(value: object, *, name: str = "all_duration") -> timedelta:
     """Parse ``"90s"``, ``"0.5h"``, ``"2h"``, ``"1d"``, ``"30"``, a number or a timedelta.
 
-    Anything else (``"1min"``, ``"2 hours"``, ``"-5s"``, ``""``) is a ValueError naming the value:
-    a budget that is silently ignored is worse than no budget.
+    Anything else (``"1min"``, ``"2 hours"``, ``" 2h"``, ``"-5s"``, ``""``, a duration longer
+    than a timedelta holds) is a ValueError naming the value: a budget that is silently
+    ignored is worse than no budget.
     """
     if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, bool):
+        if value < timedelta(0):
+            raise ValueError(f"{name} must not be negative, got {value!r}")
+        return value
+    if isinstance(value, bool):
         raise ValueError(f"{name} must be a duration, got {value!r}")
-    elif isinstance(value, (int, float)):
-        seconds = float(value)
+    if isinstance(value, (int, float)):
+        if (isinstance(value, float) and math.isnan(value)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative duration, got {value!r}")
+        seconds = value
     elif isinstance(value, str):
-        match = _DURATION.fullmatch(value.strip())
-        if not match or not value.strip():
+        match = _DURATION.fullmatch(value)
+        if not match:
             raise ValueError(
                 f"{name} must look like '90s', '30m', '2h', '1d' or a number of seconds, "
                 f"got {value!r}"
@@ -36,9 +42,12 @@ def parse_duration(value: object, *, name: str = "all_duration") -> timedelta:
         seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"]]
     else:
         raise ValueError(f"{name} must be a str, a number or a timedelta, got {value!r}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{name} must be a finite, non-negative duration, got {value!r}")
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:  # 10**400, 1e300, inf, "99999999999d": more than a timedelta holds
+        raise ValueError(
+            f"{name} must be at most {timedelta.max} (timedelta.max), got {value!r}"
+        ) from None
 
 
 def check_count(value: object, name: str) -> int | None:
@@ -104,7 +113,10 @@ class Timer:
             return self.remain_time_duration or timedelta(0)
         now = _loop_time()
         left = self._deadline_mono - time.monotonic() if now is None else self._deadline - now
-        return timedelta(seconds=max(0.0, left))
+        try:
+            return timedelta(seconds=max(0.0, left))
+        except OverflowError:  # a budget of ~timedelta.max, rounded up by float arithmetic
+            return timedelta.max
 
     def remain_time(self) -> timedelta | None:
         if not self.started:

@@ -38,33 +38,50 @@ class SnapshotWarning(RuntimeWarning):
 
 
 class WorkerCrashedError(LoopError):
-    """A step's worker process died under it (killed, segfault, out of memory).
+    """A step's worker process died under it (killed, segfault, out of memory), or could not
+    run it at all.
 
     Only that step fails; the pool starts a fresh worker for the next one. ``signal`` is the
     signal number that killed the worker, or ``None`` when it exited with ``exitcode``.
+    ``reason`` says why a worker that is alive cannot run the step: it could not import the
+    application's main script, or find the loop's class in it (a script without an
+    ``if __name__ == "__main__":`` guard, a class defined in ``python -c`` or a notebook).
     """
 
     def __init__(
-        self, step_name: str, loop_idx: int, pid: int, signal: int | None, exitcode: int | None
+        self,
+        step_name: str,
+        loop_idx: int,
+        pid: int,
+        signal: int | None,
+        exitcode: int | None,
+        reason: str | None = None,
     ) -> None:
-        if signal is not None:
-            try:
-                how = f"killed by {signals.Signals(signal).name}"
-            except ValueError:
-                how = f"killed by signal {signal}"
+        if reason is not None:
+            message = f"step {step_name!r} of loop {loop_idx} cannot run in worker process {pid}"
+            how = reason
         else:
-            how = f"exited with code {exitcode}"
-        super().__init__(
-            f"step {step_name!r} of loop {loop_idx} lost its worker process {pid}: {how}"
-        )
+            message = f"step {step_name!r} of loop {loop_idx} lost its worker process {pid}"
+            if signal is not None:
+                try:
+                    how = f"killed by {signals.Signals(signal).name}"
+                except ValueError:
+                    how = f"killed by signal {signal}"
+            else:
+                how = f"exited with code {exitcode}"
+        super().__init__(f"{message}: {how}")
         self.step_name = step_name
         self.loop_idx = loop_idx
         self.pid = pid
         self.signal = signal
         self.exitcode = exitcode
+        self.reason = reason
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.step_name, self.loop_idx, self.pid, self.signal, self.exitcode))
+        return (
+            type(self),
+            (self.step_name, self.loop_idx, self.pid, self.signal, self.exitcode, self.reason),
+        )
 
 
 class RemoteStepError(LoopError):

@@ -25,6 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._compat import add_note
 from ._errors import LoopResumeError, LoopTerminationError
+from ._executors import StepTiming
 from ._logging import log, step_context
 from ._record import record_step
 from ._results import StepResult, StopReason
@@ -112,7 +113,6 @@ class Generation:
         n = len(loop.steps)
         for li in sorted(self.unfinished):
             await self._wait_for_room(lambda: self.loops_running)
-            run.progress.loop_admitted(li)
             self._hand_over(tg, li)
         while loop.loop_n is None or loop.loop_n > 0:
             await self._wait_for_room(lambda: len(self.unfinished))
@@ -120,7 +120,6 @@ class Generation:
             self.unfinished.add(li)
             loop.withdraw_base[li] = run.last_snapshot
             loop.loop_prev_out[li][loop.LOOP_IDX_KEY] = li
-            run.progress.loop_admitted(li)
             if not await self._run_step(li):
                 return
             if loop.step_idx[li] < n:
@@ -167,11 +166,13 @@ class Generation:
                 run.outlet.cancel_reservation()
                 await anyio.sleep_forever()
             run.step_started(li, si, name)
-            started = _utcnow()
+            timing = StepTiming()
             error: BaseException | None = None
             try:
                 with step_context(li, name):
-                    output, attempts, retried = await call_step(run.runner, loop, li, si, name)
+                    output, attempts, retried = await call_step(
+                        run.runner, loop, li, si, name, timing
+                    )
             except BaseException as exc:
                 skip = isinstance(exc, Exception) and isinstance(exc, loop.skip_loop_error)
                 if not skip:
@@ -191,7 +192,7 @@ class Generation:
                 output, error, attempts, retried = None, exc, 1, ()
             finally:
                 run.step_ended(name)
-        if not self._complete(li, si, output, error, started, attempts, retried):
+        if not self._complete(li, si, output, error, timing.started_at, attempts, retried):
             return False
         return self._after_step(li, si, name)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from anyio.abc import TaskGroup
 
 from ._backend import spawn_detached
 from ._outlet import DiscardOutlet, ResultOutlet
+from ._progress import make_progress
 from ._results import RunSummary, StepResult
 from ._run import Run, RunStatistics
 
@@ -56,12 +58,15 @@ class ResultStream(AsyncIterator[StepResult]):
         return self
 
     async def __anext__(self) -> StepResult:
+        progress = self._outlet.progress
+        progress.resume()  # the consumer waits: the bar may show
         try:
             result = await self._outlet.receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
-            pass
+            progress.close()
         else:
-            self._outlet.taken()
+            self._outlet.taken(result)
+            progress.pause()  # the consumer may print: its lines stay whole
             return result
         outcome = self._outcome
         if outcome.error is not None and not outcome.delivered:
@@ -75,6 +80,7 @@ class ResultStream(AsyncIterator[StepResult]):
 
     def close(self) -> None:
         self._outlet.receive.close()
+        self._outlet.progress.close()
 
 
 class LoopRun(Coroutine[Any, Any, RunSummary]):
@@ -104,13 +110,32 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         self._tg: TaskGroup | None = None
         self._results: ResultStream | None = None
         self._outcome = _Outcome()
+        # RD-Agent's kaggle app calls loop.run(...) without awaiting it: say so when such a
+        # handle is dropped. The finalizer holds only a string, so it keeps nothing alive.
+        args = ", ".join(f"{k}={v!r}" for k, v in self._args.items() if v is not None)
+        self._unused = weakref.finalize(
+            self, LoopRun._warn_unused, f"{type(loop).__name__}.run({args})"
+        )
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._args.items() if v is not None)
         return f"<LoopRun of {type(self._loop).__name__}({args})>"
 
+    @staticmethod
+    def _warn_unused(call: str) -> None:
+        warnings.warn(
+            f"{call} was never awaited, entered or iterated: nothing ran",
+            RuntimeWarning,
+            stacklevel=3,  # past weakref.finalize: the line that dropped the handle
+        )
+
+    def _used(self) -> None:
+        """The handle was awaited, entered, iterated or closed: no warning when it goes."""
+        self._unused.detach()
+
     def _claim(self, form: str) -> Run:
         """Build the engine for this form of consumption, and mark the loop as running."""
+        self._used()
         if self._consumed is not None:
             raise RuntimeError(
                 f"this run was already consumed with {self._consumed}; call loop.run() again"
@@ -119,12 +144,27 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         if loop._running:
             raise RuntimeError(f"{type(loop).__name__} is already running; one run() at a time")
         settings = loop.settings
-        outlet = (
-            DiscardOutlet()
-            if form == "await"
-            else ResultOutlet(settings.result_buffer, settings.max_parallel)
+        step_n, loop_n = self._args["step_n"], self._args["loop_n"]
+        total = (
+            step_n
+            if isinstance(step_n, int)
+            else loop_n * len(loop.steps)
+            if isinstance(loop_n, int) and loop_n
+            else None
         )
-        run = Run(loop, outlet, **self._args)  # type: ignore[arg-type]
+        progress = make_progress(total, enabled=settings.progress)
+        outlet = (
+            DiscardOutlet(progress)
+            if form == "await"
+            else ResultOutlet(settings.result_buffer, settings.max_parallel, progress)
+        )
+        try:
+            run = Run(loop, outlet, **self._args)  # type: ignore[arg-type]
+        except BaseException:  # refused (bad settings...): leave no open stream behind
+            outlet.close()
+            outlet.receive.close()
+            outlet.progress.close()
+            raise
         loop._running = True
         self._consumed = form
         self._run = run
@@ -142,6 +182,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
     # -- await ----------------------------------------------------------------------------
 
     def _coroutine(self) -> Coroutine[Any, Any, RunSummary]:
+        self._used()
         if self._coro is None:
             self._coro = self._await_summary()
         return self._coro
@@ -170,6 +211,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         return self._coroutine().throw(typ, val, tb)
 
     def close(self) -> None:
+        self._used()  # like a coroutine's close(): the caller chose not to run it
         if self._coro is not None:
             self._coro.close()
 
@@ -293,6 +335,7 @@ def _never_started(outlet: ResultOutlet, release: Callable[[], None]) -> None:
 
 def _stop(scope: anyio.CancelScope, outlet: ResultOutlet) -> None:
     outlet.receive.close()
+    outlet.progress.close()
     with contextlib.suppress(RuntimeError):  # the event loop is already gone
         scope.cancel()
 

@@ -120,7 +120,7 @@ def import_loop_class(target: str) -> type[LoopBase]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SessionError(f"cannot import module {module_name!r}: {exc}") from None
+        raise SessionError(f"cannot import module {module_name!r}: {exc}") from exc
     obj: Any = module
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
@@ -162,9 +162,9 @@ def load_loop(
                     tried.add(named[0])
                     cls = import_loop_class(named[0])
                     continue
-                raise SessionError(str(exc)) from None
+                raise SessionError(str(exc)) from exc
             except FileNotFoundError as exc:
-                raise SessionError(str(exc)) from None
+                raise SessionError(str(exc)) from exc
         return loop, [str(w.message) for w in caught]
 
 

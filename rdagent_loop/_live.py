@@ -21,6 +21,7 @@ from ._timeline import format_seconds
 
 if TYPE_CHECKING:
     from . import LoopBase, LoopRun, StepResult
+    from ._run import RunStatistics
 
 
 def _clock(seconds: float) -> str:
@@ -31,7 +32,14 @@ def _clock(seconds: float) -> str:
 
 
 class LiveDisplay:
-    """Feed it results with :meth:`result`; run :meth:`refresh_forever` beside the run."""
+    """Feed it results with :meth:`result`; run :meth:`refresh_forever` beside the run.
+
+    Its numbers hold across a withdraw, which restores an older state and runs steps again:
+    a loop counts as done once (a set of loop indices, not a count of results), only while
+    the loop's state says it is finished, and its "done" line is printed once. ``steps X/Y``
+    counts the steps completed in this run (steps run again included, as the run's summary
+    does) against that count plus the steps still to go, so X never passes Y.
+    """
 
     def __init__(
         self,
@@ -39,25 +47,54 @@ class LiveDisplay:
         stream: TextIO,
         *,
         interactive: bool,
-        total_steps: int | None,
+        step_n: int | None = None,
+        loop_n: int | None = None,
         verbose: bool = False,
     ) -> None:
+        """``step_n`` and ``loop_n``: the budgets the run starts with (a resumed session's
+        saved ones, or the command line's), until the run has set them on the loop."""
         self.loop = loop
         self.stream = stream
         self.interactive = interactive
-        self.total_steps = total_steps
         self.verbose = verbose
         self.started = time.monotonic()
-        self.steps_done = 0
-        self.loops_done = 0
-        self.failures = 0
+        self._budgets = (step_n, loop_n)
+        self.steps_done = 0  # results received: steps completed in this run
+        self.finished: set[int] = set()  # loops finished in this run (and not rolled back)
+        self.failed: dict[int, int] = {}  # loop -> the step that raised its skip error
+        self.withdrawals = 0
+        self._announced: set[int] = set()  # loops whose "done" line is printed
+        self._errors: dict[int, tuple[str, str]] = {}  # loop -> its skip error: type, line
+        self._state = loop.step_idx  # a withdraw replaces it (the state is restored)
         self._run: LoopRun | None = None
         self._drawn = 0  # lines of the live block on screen
         self._low = 0  # every loop below this one is finished
         self._closed = False
 
+    @property
+    def loops_done(self) -> int:
+        return len(self.finished)
+
     def attach(self, run: LoopRun) -> None:
         self._run = run
+
+    def _sync(self) -> None:
+        """Notice a withdraw: the loop's state was restored from an older snapshot."""
+        loop = self.loop
+        if loop.step_idx is self._state:
+            return
+        self._state = loop.step_idx
+        self.withdrawals += 1
+        self._low = 0  # loops finished before may be unfinished again
+        n = len(loop.steps)
+        self.finished = {li for li in self.finished if loop.step_idx.get(li, 0) >= n}
+        self.failed = {li: si for li, si in self.failed.items() if loop.step_idx.get(li, 0) > si}
+
+    def _ends_loop(self, result: StepResult) -> bool:
+        """Whether ``result`` is the last step its loop runs (a skip may end it early)."""
+        if result.exception is None:
+            return result.step_idx == len(self.loop.steps) - 1
+        return result.step_idx >= self.loop.skip_target
 
     # -- output ---------------------------------------------------------------------------
 
@@ -83,29 +120,41 @@ class LiveDisplay:
             self._write(text + "\n")
 
     def result(self, result: StepResult) -> None:
+        self._sync()
         self.steps_done += 1
-        n = len(self.loop.steps)
-        if result.exception is not None:
-            self.failures += 1
-            self.message(
-                f"  loop {result.loop_idx}: {result.step_name} failed "
-                f"({type(result.exception).__name__}: {summarize(str(result.exception), 100)})"
+        loop, li = self.loop, result.loop_idx
+        n = len(loop.steps)
+        at = loop.step_idx.get(li, 0)  # where the loop's state is now
+        error = result.exception
+        if error is not None:
+            self._errors[li] = (
+                type(error).__name__,
+                f"{result.step_name} failed: {type(error).__name__}: {summarize(str(error), 100)}",
             )
-        finished = self.loop.step_idx.get(result.loop_idx, 0) >= n
+            if at > result.step_idx:  # not rolled back by a withdraw since
+                self.failed[li] = result.step_idx
+        # a result that ended its loop counts while the state agrees: one delivered before
+        # a withdraw rolled its loop back does not
+        finished = self._ends_loop(result) and at >= n
         if finished:
-            self.loops_done += 1
+            self.finished.add(li)
         if not self.interactive or self.verbose:
-            if result.exception is None:
+            if error is not None:
+                self.message(f"  loop {li}: {self._errors[li][1]}")
+            else:
                 seconds = format_seconds(result.duration.total_seconds())
                 self.message(
-                    f"  loop {result.loop_idx} {result.step_name} ({seconds}): "
-                    f"{summarize(result.output, 110)}"
+                    f"  loop {li} {result.step_name} ({seconds}): {summarize(result.output, 110)}"
                 )
-        elif finished and result.step_idx == n - 1:
-            text = summarize(result.output, 110)
-            text = text.removeprefix(f"loop {result.loop_idx}: ")  # it says so already
-            self.message(f"  loop {result.loop_idx} done: {text}")
-        elif self.interactive:
+        elif finished and li not in self._announced:
+            self._announced.add(li)
+            text = summarize(result.output, 110).removeprefix(f"loop {li}: ")  # said already
+            if li in self.failed:  # one line for the loop, its error in it
+                type_name, failure = self._errors[li]
+                if type_name not in text:
+                    text = f"{text} ({failure})" if text else failure
+            self.message(f"  loop {li} done: {text}")
+        else:
             self.draw()
 
     def close(self) -> None:
@@ -115,43 +164,75 @@ class LiveDisplay:
 
     # -- the live block -------------------------------------------------------------------
 
-    def header(self) -> str:
+    def total_steps(self) -> int | None:
+        """Steps completed in this run plus the steps the budgets still allow (None: no
+        budget in steps or loops). Skips make the estimate shrink; a withdraw makes it grow."""
         loop = self.loop
-        total = f"/{self.total_steps}" if self.total_steps else ""
+        n = len(loop.steps)
+        done = 0
+        step_n, loop_n = self._budgets
+        stats = self._statistics()
+        if stats is not None and stats.steps_completed:
+            # the run has set its budgets on the loop; both numbers are the engine's, so
+            # they agree with each other even while results wait in the stream
+            done, step_n, loop_n = stats.steps_completed, loop.step_n, loop.loop_n
+        left: int | None = None
+        if loop_n is not None:
+            left = sum(n - loop.step_idx.get(li, 0) for li in self._unfinished()) + loop_n * n
+        if step_n is not None:
+            left = step_n if left is None else min(left, step_n)
+        return None if left is None else done + left
+
+    def _statistics(self) -> RunStatistics | None:
+        if self._run is None:
+            return None
+        try:
+            return self._run.statistics()
+        except RuntimeError:  # not started yet
+            return None
+
+    def header(self) -> str:
+        self._sync()
+        loop = self.loop
+        total = self.total_steps()
         elapsed = time.monotonic() - self.started
         parts = [
             f"{type(loop).__name__}",
-            f"steps {self.steps_done}{total}",
-            f"loops {self.loops_done} done, {len(self.in_flight())} in flight",
+            f"steps {self.steps_done}" + (f"/{total}" if total is not None else ""),
+            f"loops {len(self.finished)} done, {len(self.in_flight())} in flight",
             f"elapsed {_clock(elapsed)}",
         ]
         remaining = loop.timer.remain_time() if loop.timer.started else None
         if remaining is not None:
             parts.append(f"time left {_clock(remaining.total_seconds())}")
-        elif self.total_steps and self.steps_done:
-            left = elapsed / self.steps_done * max(0, self.total_steps - self.steps_done)
+        elif total is not None and self.steps_done:
+            left = elapsed / self.steps_done * max(0, total - self.steps_done)
             parts.append(f"time left ~{_clock(left)}")
-        if self.failures:
-            parts.append(f"{self.failures} failed")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        if self.withdrawals:
+            parts.append(f"{self.withdrawals} withdrawn")
         return " · ".join(parts)
 
-    def in_flight(self) -> list[int]:
-        """Loops started and not finished (the one being kicked off included)."""
+    def _unfinished(self) -> list[int]:
+        """Loops past their first step and not finished, in the loop's state."""
         loop = self.loop
         n = len(loop.steps)
         while self._low < loop.loop_idx and loop.step_idx.get(self._low, 0) >= n:
             self._low += 1
-        loops = [li for li in range(self._low, loop.loop_idx) if loop.step_idx.get(li, 0) < n]
-        if self._run is not None:
-            try:
-                running = self._run.statistics().steps_running
-            except RuntimeError:
-                running = {}
-            if running.get(loop.steps[0], 0) > 0:
-                loops.append(loop.loop_idx)
+        return [li for li in range(self._low, loop.loop_idx) if loop.step_idx.get(li, 0) < n]
+
+    def in_flight(self) -> list[int]:
+        """Loops started and not finished (the one being kicked off included)."""
+        loop = self.loop
+        loops = self._unfinished()
+        stats = self._statistics()
+        if stats is not None and stats.steps_running.get(loop.steps[0], 0) > 0:
+            loops.append(loop.loop_idx)
         return loops
 
     def lines(self) -> list[str]:
+        self._sync()
         loop = self.loop
         n = len(loop.steps)
         width = shutil.get_terminal_size((100, 24)).columns

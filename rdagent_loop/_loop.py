@@ -80,7 +80,7 @@ class LoopBase(metaclass=LoopMeta):
     """Base class of an R&D loop: subclasses define the steps as public methods.
 
     Each step gets ``prev_out``, the outputs of the earlier steps of its own loop. See
-    ``DESIGN.md`` for the full contract; state read by RD-Agent code keeps its name and meaning.
+    the README for the full contract; state read by RD-Agent code keeps its name and meaning.
     """
 
     _rdagent_loop_base_ = True
@@ -98,6 +98,8 @@ class LoopBase(metaclass=LoopMeta):
 
     def __init__(self, settings: LoopSettings | None = None) -> None:
         self.settings = settings if settings is not None else LoopSettings()
+        # a misspelt step name in a per-step setting is an error here, not silently ignored
+        self.settings.check_step_names(type(self).__name__, self.steps)
         self.loop_idx = 0  # the loop being kicked off; advances when its first step completes
         # loop -> next step to run: a defaultdict(int) that pickles fast however many loops
         self.step_idx: defaultdict[int, int] = StepIndex()

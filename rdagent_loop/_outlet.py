@@ -13,13 +13,17 @@ from __future__ import annotations
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._progress import NoProgress, Progress
 from ._results import StepResult
 
 
 class ResultOutlet:
     """The stream of one run's results, for a consumer that reads them."""
 
-    def __init__(self, result_buffer: int, max_parallel: int) -> None:
+    def __init__(
+        self, result_buffer: int, max_parallel: int, progress: Progress | None = None
+    ) -> None:
+        self.progress: Progress = progress or NoProgress()
         size = result_buffer + max_parallel
         self._slots = anyio.Semaphore(size)
         self.send: MemoryObjectSendStream[StepResult]
@@ -44,9 +48,13 @@ class ResultOutlet:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._slots.release()  # the consumer has left: nobody will take it
 
-    def taken(self) -> None:
-        """The consumer received a result: its room is free again."""
+    def taken(self, result: StepResult) -> None:
+        """The consumer received ``result``: its room is free again."""
         self._slots.release()
+        self.progress.step_completed(result)
+
+    def engine_done(self) -> None:
+        """The engine ended; the consumer may still be reading what it sent."""
 
     @property
     def pending(self) -> int:
@@ -60,8 +68,8 @@ class ResultOutlet:
 class DiscardOutlet(ResultOutlet):
     """For ``await loop.run()``: nobody reads the results, so none is kept."""
 
-    def __init__(self) -> None:
-        super().__init__(0, 0)
+    def __init__(self, progress: Progress | None = None) -> None:
+        super().__init__(0, 0, progress)
 
     async def reserve(self) -> None:
         pass
@@ -70,4 +78,7 @@ class DiscardOutlet(ResultOutlet):
         pass
 
     def deliver(self, result: StepResult) -> None:
-        pass
+        self.progress.step_completed(result)
+
+    def engine_done(self) -> None:
+        self.progress.close()

@@ -1,6 +1,13 @@
-"""The progress display: one line per loop in flight and one for the whole run (tqdm).
+"""The progress display of library use: one bar of completed steps, as RD-Agent shows.
 
 It is off when standard error is not a terminal or ``LoopSettings.progress`` is False.
+
+The bar shares the terminal with the application's own output, so it never draws while the
+application holds a result: the result stream clears it before handing a result over and
+draws it again when the consumer asks for the next one (``pause``/``resume``), so a line the
+consumer prints in between starts on a clean line and stays whole. It counts a result when
+the consumer receives it (when nobody reads them, as the engine records it), so it never
+runs ahead of what the consumer has seen.
 """
 
 from __future__ import annotations
@@ -13,26 +20,22 @@ if TYPE_CHECKING:
 
 
 class Progress(Protocol):
-    def loop_admitted(self, loop_idx: int) -> None: ...
-    def step_started(self, loop_idx: int, step_idx: int, name: str) -> None: ...
     def step_completed(self, result: StepResult) -> None: ...
-    def loop_finished(self, loop_idx: int) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
     def close(self) -> None: ...
 
 
 class NoProgress:
     """Shows nothing."""
 
-    def loop_admitted(self, loop_idx: int) -> None:
-        pass
-
-    def step_started(self, loop_idx: int, step_idx: int, name: str) -> None:
-        pass
-
     def step_completed(self, result: StepResult) -> None:
         pass
 
-    def loop_finished(self, loop_idx: int) -> None:
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
         pass
 
     def close(self) -> None:
@@ -40,67 +43,46 @@ class NoProgress:
 
 
 class TqdmProgress:
-    """An overall bar of completed steps, and a bar per loop in flight below it."""
+    """One tqdm bar of completed steps, with the newest result as its postfix."""
 
-    def __init__(self, steps: list[str], total: int | None, file: Any = None) -> None:
+    def __init__(self, total: int | None, file: Any = None) -> None:
         from tqdm import tqdm
 
-        self._tqdm = tqdm
-        self._file = file
-        self._steps = steps
-        self._overall = tqdm(total=total, desc="run", unit="step", position=0, file=file)
-        self._loops: dict[int, Any] = {}
-        self._positions: dict[int, int] = {}
-        self._free_positions: list[int] = []
-
-    def _bar(self, loop_idx: int) -> Any:
-        bar = self._loops.get(loop_idx)
-        if bar is None:
-            position = self._free_positions.pop(0) if self._free_positions else len(self._loops) + 1
-            bar = self._tqdm(
-                total=len(self._steps),
-                desc=f"loop {loop_idx}",
-                unit="step",
-                position=position,
-                leave=False,
-                file=self._file,
-            )
-            self._positions[loop_idx] = position
-            self._loops[loop_idx] = bar
-        return bar
-
-    def loop_admitted(self, loop_idx: int) -> None:
-        self._bar(loop_idx)
-
-    def step_started(self, loop_idx: int, step_idx: int, name: str) -> None:
-        bar = self._bar(loop_idx)
-        bar.n = step_idx
-        bar.set_postfix_str(name)
+        # leave=False: the bar is gone once the run ends, and the terminal is the user's
+        self._bar = tqdm(total=total, desc="run", unit="step", file=file, leave=False)
+        self._paused = False
+        self._closed = False
 
     def step_completed(self, result: StepResult) -> None:
-        self._overall.update(1)
-        self._overall.set_postfix(loops=len(self._loops))
-        bar = self._loops.get(result.loop_idx)
-        if bar is not None:
-            bar.n = result.step_idx + 1
-            bar.refresh()
+        if self._closed:
+            return
+        bar = self._bar
+        bar.set_postfix_str(f"loop {result.loop_idx} {result.step_name}", refresh=False)
+        if self._paused:
+            bar.n += 1  # drawn at resume
+        else:
+            bar.update(1)
 
-    def loop_finished(self, loop_idx: int) -> None:
-        bar = self._loops.pop(loop_idx, None)
-        if bar is not None:
-            self._free_positions.append(self._positions.pop(loop_idx))
-            self._free_positions.sort()
-            bar.close()
+    def pause(self) -> None:
+        """Clear the bar: the application is about to write."""
+        if not self._paused and not self._closed:
+            self._paused = True
+            self._bar.clear()
+
+    def resume(self) -> None:
+        """Draw the bar again: the application waits for the next result."""
+        if self._paused and not self._closed:
+            self._paused = False
+            self._bar.refresh()
 
     def close(self) -> None:
-        for bar in self._loops.values():
-            bar.close()
-        self._loops.clear()
-        self._overall.close()
+        if not self._closed:
+            self._closed = True
+            self._bar.close()
 
 
-def make_progress(steps: list[str], total: int | None, *, enabled: bool) -> Progress:
+def make_progress(total: int | None, *, enabled: bool) -> Progress:
     """The display for a run of ``total`` steps (None: unknown), if enabled and on a terminal."""
     if not enabled or not sys.stderr.isatty():
         return NoProgress()
-    return TqdmProgress(list(steps), total)
+    return TqdmProgress(total)

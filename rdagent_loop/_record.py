@@ -1,6 +1,6 @@
 """Recording a completed step in the loop's state, all at once.
 
-DESIGN: a step's result is recorded and its ``step_idx`` advanced in the same instant the
+The contract: a step's result is recorded and its ``step_idx`` advanced in the same instant the
 step returns (no await in between), so no snapshot shows a step as half done.
 """
 

@@ -25,7 +25,6 @@ from ._executors import StepRunner
 from ._generation import Generation, GenerationEnd
 from ._logging import log
 from ._outlet import ResultOutlet
-from ._progress import make_progress
 from ._results import RunSummary, StepResult, StopReason
 from ._session import SnapshotWriter
 from ._step_limit import StepLimit
@@ -73,8 +72,6 @@ class Run:
         # without snapshots nothing is written: no writer process is started
         writer_mode = settings.snapshot_writer if settings.save_snapshots else "thread"
         self.writer = SnapshotWriter(mode=writer_mode)
-        total = step_n if step_n is not None else (loop_n * len(loop.steps) if loop_n else None)
-        self.progress = make_progress(loop.steps, total, enabled=settings.progress)
         self.generation: Generation | None = None
         self.steps_completed = 0
         self.loops_completed: set[int] = set()  # in this run (and not rolled back)
@@ -122,7 +119,7 @@ class Run:
         finally:
             current_run.reset(token)
             loop.timer.disarm()
-            self.progress.close()
+            self.outlet.engine_done()
         summary = RunSummary(self.steps_completed, len(self.loops_completed), reason)
         log.info("run ended: %s", summary)
         return summary
@@ -196,7 +193,6 @@ class Run:
         self.running[name] += 1
         self.peak_running[name] = max(self.peak_running[name], self.running[name])
         self.in_flight += 1
-        self.progress.step_started(loop_idx, step_idx, name)
         log.debug(
             "loop %d step %d %s starts",
             loop_idx,
@@ -222,7 +218,6 @@ class Run:
         if loop_done:
             self.loops_completed.add(li)
             self._notify_loop_finished()
-            self.progress.loop_finished(li)
         if self.settings.save_snapshots:
             path = self._loop_folder(li, finished=loop_done) / f"{result.step_idx}_{name}"
             try:
@@ -233,7 +228,6 @@ class Run:
                 raise
             self.last_snapshot = f"{li}/{result.step_idx}_{name}"
         self.outlet.deliver(result)
-        self.progress.step_completed(result)
         log.info("%s", result, extra={"loop_idx": li, "step_name": name})
 
     def _loop_folder(self, li: int, *, finished: bool) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,17 @@ class StepResources(BaseModel):
     num_gpus: NonNegativeFloat | None = None
     memory: int | None = Field(default=None, ge=0)
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+
+
+# settings that name steps: every name must be a step of the loop's class
+_STEP_NAMED_FIELDS = (
+    "step_semaphore",
+    "serial_steps",
+    "step_executor",
+    "step_timeout",
+    "step_retries",
+    "step_resources",
+)
 
 
 def _default_trace_path() -> Path:
@@ -149,6 +161,26 @@ class LoopSettings(BaseSettings):
         if isinstance(self.step_semaphore, dict):
             return max(self.step_semaphore.values(), default=1)
         return self.step_semaphore
+
+    def check_step_names(self, owner: str, steps: Sequence[str]) -> None:
+        """Refuse a per-step setting that names a step ``owner`` does not have.
+
+        A misspelt name would be ignored silently: ``step_semaphore={"codng": 4}`` would run
+        every step one at a time. ``serial_steps`` is checked only when it was set, since its
+        default names RD-Agent's ``feedback`` and ``record``, which many loops lack.
+        """
+        for field in _STEP_NAMED_FIELDS:
+            names: Collection[str] = getattr(self, field)
+            if field == "serial_steps" and field not in self.model_fields_set:
+                continue
+            if not isinstance(names, (dict, tuple)):
+                continue  # one value for every step
+            unknown = sorted(set(names) - set(steps))
+            if unknown:
+                raise ValueError(
+                    f"{field} names {unknown}, which are not steps of {owner}; "
+                    f"its steps are {list(steps)}"
+                )
 
     def get_max_parallel(self) -> int:
         """RD-Agent's name for :attr:`max_parallel`."""

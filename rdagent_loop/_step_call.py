@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 
 from ._errors import StepTimeoutError
-from ._executors import StepRunner
+from ._executors import StepRunner, StepTiming
 from ._logging import log
 
 
@@ -17,6 +17,7 @@ async def call_step(
     loop_idx: int,
     step_idx: int,
     name: str,
+    timing: StepTiming,
 ) -> tuple[Any, int, tuple[BaseException, ...]]:
     """Run step ``name`` of loop ``loop_idx``; return its output, attempts and retried errors.
 
@@ -31,10 +32,10 @@ async def call_step(
     while True:
         try:
             if timeout is None:
-                output = await runner.call(loop_idx, step_idx, name, func, prev_out)
+                output = await runner.call(loop_idx, step_idx, name, func, prev_out, timing)
             else:
                 with anyio.move_on_after(timeout) as scope:
-                    output = await runner.call(loop_idx, step_idx, name, func, prev_out)
+                    output = await runner.call(loop_idx, step_idx, name, func, prev_out, timing)
                 if scope.cancelled_caught:
                     raise StepTimeoutError(name, timeout)
             return output, len(retried) + 1, tuple(retried)

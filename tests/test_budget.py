@@ -22,12 +22,13 @@ from rdagent_loop._budget import StepBudget, check_count
         ("0.5h", 1800),
         ("1d", 86400),
         ("45", 45),
-        (" 10s ", 10),
         ("1.5", 1.5),
         (".5m", 30),
         (12, 12),
         (2.5, 2.5),
         (timedelta(minutes=2), 120),
+        ("99999999d", 99999999 * 86400),
+        (10**9 * 86400 - 86400, 999999999 * 86400),
     ],
 )
 def test_durations_in_the_grammar_parse(text: object, seconds: float) -> None:
@@ -35,7 +36,18 @@ def test_durations_in_the_grammar_parse(text: object, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["1min", "2 hours", "PT1H", "-5s", "", "   ", "1h30m", "abc", "5x", "nan", -1, True, [1]]
+    "bad",
+    [
+        *["1min", "2 hours", "PT1H", "-5s", "", "   ", "1h30m", "abc", "5x", "nan", -1, True, [1]],
+        # no spaces, ASCII digits only (U+0663 is an Arabic-Indic three, U+FF13 a full-width one)
+        *[" 2h", "2h ", " 10s ", "2h\n", "\t90s", "\u0663s", "\uff13", "1e3"],
+        # more than a timedelta holds: a ValueError, not an OverflowError
+        *[1e300, float("inf"), 10**9 * 86400, "99999999999d"],
+        pytest.param(10**400, id="10**400"),
+        pytest.param("1" * 400, id="'1'*400"),
+        timedelta(seconds=-1),
+        float("nan"),
+    ],
 )
 def test_bad_durations_are_refused_naming_the_value(bad: object) -> None:
     with pytest.raises(ValueError, match="all_duration") as info:
@@ -48,6 +60,14 @@ def test_bad_counts_are_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="step_n") as info:
         check_count(bad, "step_n")
     assert repr(bad) in str(info.value)
+
+
+def test_the_longest_duration_a_timedelta_holds_is_a_budget_the_timer_keeps() -> None:
+    timer = Timer()
+    timer.reset(timedelta.max)
+    assert timer.remain_time() == timedelta.max
+    timer.arm()  # float arithmetic on ~8.6e13 seconds may round past timedelta.max
+    assert timedelta.max - timer.remain_time() < timedelta(seconds=1)  # type: ignore[operator]
 
 
 def test_a_pickled_timer_keeps_its_remaining_time() -> None:

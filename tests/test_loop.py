@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -155,7 +156,18 @@ def test_step_limits_serialise_record_and_feedback_by_default() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"step_n": -1}, {"loop_n": -3}, {"all_duration": "1min"}, {"loop_n": 1.5}]
+    "kwargs",
+    [
+        {"step_n": -1},
+        {"loop_n": -3},
+        {"all_duration": "1min"},
+        {"loop_n": 1.5},
+        # a ValueError at the call, not an OverflowError, nor a budget read another way
+        {"all_duration": 1e300},
+        pytest.param({"all_duration": 10**400}, id="all_duration-10**400"),
+        {"all_duration": " 2h"},
+        {"all_duration": "\u0663s"},  # an Arabic-Indic three
+    ],
 )
 def test_bad_budgets_are_refused_at_the_call(tmp_path: Any, kwargs: dict[str, Any]) -> None:
     loop = Base(LoopSettings(trace_path=tmp_path))
@@ -178,3 +190,77 @@ def test_loop_traces_pickle_exactly_whatever_their_time_zone(tz: timezone | None
     restored = pickle.loads(pickle.dumps(trace, protocol=5))
     assert restored == trace
     assert restored.start.tzinfo == trace.start.tzinfo
+
+
+# -- settings that name steps ---------------------------------------------------------------
+
+UNKNOWN_STEP_SETTINGS = [
+    ("step_semaphore", {"coding": 2, "nonexistent_step": 2}),
+    ("serial_steps", ("record", "nonexistent_step")),
+    ("step_executor", {"nonexistent_step": "thread"}),
+    ("step_timeout", {"nonexistent_step": 5.0}),
+    ("step_retries", {"nonexistent_step": 1}),
+    ("step_resources", {"nonexistent_step": {"num_gpus": 1}}),
+]
+
+
+def unknown_step_message(field: str) -> str:
+    return re.escape(
+        f"{field} names ['nonexistent_step'], which are not steps of Base; "
+        "its steps are ['propose', 'coding', 'record']"
+    )
+
+
+@pytest.mark.parametrize(("field", "value"), UNKNOWN_STEP_SETTINGS)
+def test_a_setting_naming_an_unknown_step_is_refused_when_the_loop_is_built(
+    tmp_path: Any, field: str, value: Any
+) -> None:
+    settings = LoopSettings(trace_path=tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=unknown_step_message(field)):
+        Base(settings)
+
+
+def test_an_unknown_step_from_the_environment_is_refused_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("RDAGENT_LOOP_STEP_SEMAPHORE", '{"nonexistent_step": 2}')
+    monkeypatch.setenv("RDAGENT_LOOP_TRACE_PATH", str(tmp_path))
+
+    class App(Base):
+        def __init__(self) -> None:
+            super().__init__()
+
+    with pytest.raises(ValueError, match=r"step_semaphore names \['nonexistent_step'\]"):
+        App()
+
+
+def test_settings_naming_real_steps_and_the_default_serial_steps_are_accepted(
+    tmp_path: Any,
+) -> None:
+    # the default serial_steps names feedback, which Base lacks: only what the user set counts
+    assert "feedback" in LoopSettings().serial_steps and "feedback" not in Base.steps
+    Base(LoopSettings(trace_path=tmp_path, step_semaphore=3))
+    Base(
+        LoopSettings(
+            trace_path=tmp_path,
+            step_semaphore={"coding": 2},
+            serial_steps=("record",),
+            step_executor={"propose": "thread"},
+            step_timeout={"coding": 5.0},
+            step_retries={"record": 1},
+            step_resources={"coding": {"num_cpus": 1}},
+        )
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("field", "value"), UNKNOWN_STEP_SETTINGS)
+async def test_a_loaded_loop_given_settings_naming_an_unknown_step_refuses_to_run(
+    tmp_path: Any, field: str, value: Any
+) -> None:
+    settings = LoopSettings(trace_path=tmp_path / "t", progress=False, durability="flush")
+    await Base(settings).run(loop_n=1)
+    loop = Base.load(tmp_path / "t", settings=settings.model_copy(update={field: value}))
+    with pytest.raises(ValueError, match=unknown_step_message(field)):
+        await loop.run(loop_n=2)
+    assert not loop._running

@@ -31,32 +31,27 @@ async def test_every_step_record_names_its_loop_and_step(
 
 def test_the_progress_display_is_off_without_a_terminal(tmp_path: Path) -> None:
     loop = Chain(LoopSettings(trace_path=tmp_path, progress=True))
-    assert isinstance(
-        make_progress(loop.steps, 12, enabled=loop.settings.progress), NoProgress
-    )  # pytest: no tty
-    assert isinstance(
-        make_progress(Chain.steps, 1, enabled=False),
-        NoProgress,
-    )
+    assert isinstance(make_progress(12, enabled=loop.settings.progress), NoProgress)  # no tty
+    assert isinstance(make_progress(1, enabled=False), NoProgress)
 
 
-def test_the_progress_display_shows_loops_in_flight_and_overall_steps() -> None:
+def test_the_progress_bar_counts_steps_and_stays_away_while_the_application_writes() -> None:
     from datetime import datetime, timezone
 
     out = io.StringIO()
-    progress = TqdmProgress(["s0", "s1"], total=4, file=out)
+    progress = TqdmProgress(total=4, file=out)
     now = datetime.now(timezone.utc)
-    progress.loop_admitted(0)
-    progress.loop_admitted(1)
-    progress.step_started(0, 0, "s0")
     progress.step_completed(StepResult(0, 0, "s0", 1, None, now, now))
-    progress.step_started(1, 0, "s0")
-    text = out.getvalue()
-    assert "loop 0" in text
-    assert "loop 1" in text
-    assert "run" in text
-    progress.loop_finished(0)
+    assert "run" in out.getvalue()  # redrawn at most every 0.1 s, or at resume
+    progress.pause()
+    drawn = out.getvalue()
+    progress.step_completed(StepResult(1, 0, "s0", 1, None, now, now))
+    assert out.getvalue() == drawn  # nothing drawn while the application holds a result
+    progress.resume()
+    assert "2/4" in out.getvalue()[len(drawn) :]
+    assert "loop 1 s0" in out.getvalue()[len(drawn) :]
     progress.close()
+    progress.close()  # twice is harmless
 
 
 async def test_statistics_count_the_run(settings: LoopSettings) -> None:

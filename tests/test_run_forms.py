@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import contextlib
+import gc
+import re
+import warnings
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -266,3 +272,107 @@ async def test_explicit_aclose_waits_for_the_engine(settings: LoopSettings) -> N
     await anext(iterator)
     await iterator.aclose()  # type: ignore[attr-defined]
     assert not loop._running
+
+
+# -- a handle nobody consumes --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def no_unused_handle_warning() -> Iterator[None]:
+    """Record (rather than raise) warnings while handles die, and assert none was "unused"."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+def test_a_handle_dropped_unused_warns_naming_the_call(settings: LoopSettings) -> None:
+    loop = Chain(settings)
+    handle = loop.run(step_n=3)  # RD-Agent's kaggle app: kaggle_loop.run(step_n=step_n)
+    handle_ref = weakref.ref(handle)
+    gc.disable()  # no cycle keeps it alive: it goes, and warns, as soon as it is dropped
+    try:
+        message = "Chain.run(step_n=3) was never awaited, entered or iterated: nothing ran"
+        with pytest.warns(RuntimeWarning, match=re.escape(message)) as caught:
+            del handle
+        assert handle_ref() is None
+    finally:
+        gc.enable()
+    assert caught[0].filename == __file__  # points at the line that dropped it
+    assert loop.executed == [] and not loop.session_folder.exists()
+
+
+def test_an_unused_temporary_handle_warns_at_once(settings: LoopSettings) -> None:
+    with pytest.warns(RuntimeWarning, match=r"Chain\.run\(loop_n=2\) was never awaited"):
+        Chain(settings).run(loop_n=2)
+
+
+async def _await(handle: Any) -> None:
+    await handle
+
+
+async def _async_with(handle: Any) -> None:
+    async with handle as results:
+        async for _ in results:
+            pass
+
+
+async def _async_for(handle: Any) -> None:
+    async for _ in handle:
+        pass
+
+
+async def _await_cancelled_at_once(handle: Any) -> None:
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await handle
+
+
+@pytest.mark.parametrize(
+    "consume",
+    [_await, _async_with, _async_for, _await_cancelled_at_once],
+    ids=["await", "async-with", "async-for", "await-cancelled"],
+)
+async def test_a_consumed_handle_goes_silently(settings: LoopSettings, consume: Any) -> None:
+    handle = Chain(settings).run(loop_n=1)
+    await consume(handle)
+    with no_unused_handle_warning():
+        del handle
+
+
+async def test_a_handle_refused_because_the_loop_runs_goes_silently(
+    settings: LoopSettings,
+) -> None:
+    loop = Chain(settings, delay=0.05)
+    async with loop.run(loop_n=1) as results:
+        for form in (_await, _async_with, _async_for):
+            handle = loop.run(loop_n=1)
+            with pytest.raises(RuntimeError, match="already running"):
+                await form(handle)
+            with no_unused_handle_warning():
+                del handle
+        async for _ in results:
+            pass
+
+
+def test_a_handle_asyncio_cancels_before_it_starts_goes_silently(settings: LoopSettings) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(Chain(settings).run(loop_n=1))  # type: ignore[arg-type]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with no_unused_handle_warning():
+        asyncio.run(main())
+
+
+def test_a_handle_trio_cancels_before_it_starts_goes_silently(settings: LoopSettings) -> None:
+    async def main() -> None:
+        handle = Chain(settings).run(loop_n=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: handle)
+            nursery.cancel_scope.cancel()
+
+    with no_unused_handle_warning():
+        trio.run(main)

@@ -3,13 +3,18 @@
 A real RD-Agent app asks a language model; this one is a seeded stand-in that behaves like
 one in the ways the loop engine cares about:
 
-* it proposes a model configuration with a hypothesis, exploring at first and then refining
-  the best result so far;
+* it proposes a model configuration with a hypothesis, a baseline first, then exploring
+  new models and refining earlier proposals, never the same one twice;
+* what it proposes for a loop is a function of the seed and the loop index only, like a
+  model called with a fixed seed at temperature 0: two runs with the same ``--seed``
+  propose the same experiments, whatever order their parallel loops finish in (which
+  loops a withdraw rolls back and asks again depends on timing, so the proposals cannot
+  depend on results);
 * now and then it proposes something the policy forbids (training on the validation split),
   which the loop treats as a *withdraw* error: roll back and ask again. Asked again, it
-  answers differently, because every call is logged to ``llm_calls.jsonl`` beside the session
-  (like a real model's call log, that log is not part of the loop's state and survives a
-  roll-back);
+  proposes the same experiment within the rules, because every call is logged to
+  ``llm_calls.jsonl`` beside the session (like a real model's call log, that log is not part
+  of the loop's state and survives a roll-back);
 * now and then the code it writes does not compile, or it picks hyper-parameters that make
   the training script crash (an unregularised linear fit on collinear columns): the loop's
   *skip* errors.
@@ -92,25 +97,10 @@ class FakeLLM:
         with self.log_path.open("a") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
 
-    def propose(
-        self, loop_idx: int, best: dict[str, Any] | None, tried: list[dict[str, Any]]
-    ) -> Proposal:
+    def propose(self, loop_idx: int) -> Proposal:
         attempt = self._attempt(loop_idx)
-        rng = random.Random(f"{self.seed}/{loop_idx}/{attempt}")
-        seen = [describe(_plain(c)) for c in tried]
-        config: dict[str, Any] = {"model": "mean"}
-        why = "a baseline first: predict the training mean"
-        for _ in range(20):  # a model asked to avoid repeats mostly does
-            if not tried:
-                break
-            if best is not None and rng.random() < 0.55:
-                config = _neighbour(rng, best)
-                why = f"refine the best so far ({describe(_plain(best))}) by moving one knob"
-            else:
-                config = _sample(rng)
-                why = f"explore a {config['model']} model, not tried in this form yet"
-            if describe(config) not in seen:
-                break
+        config, why = planned(self.seed, loop_idx)
+        rng = random.Random(f"{self.seed}/policy/{loop_idx}")
         if attempt == 0 and rng.random() < self.bad_proposal_rate:
             # the model "helpfully" trains on the validation split too: a policy violation
             config = {**config, "train_on": "train+valid"}
@@ -125,6 +115,44 @@ class FakeLLM:
         if rng.random() < self.bug_rate:
             code = code.replace("    return predict\n", "    return predict(\n", 1)
         return CodeArtifact(loop_idx, {"main.py": code})
+
+
+_PLANS: dict[int, list[tuple[dict[str, Any], str]]] = {}  # seed -> loop -> (config, why)
+
+
+def planned(seed: int, loop_idx: int) -> tuple[dict[str, Any], str]:
+    """The experiment proposed for loop ``loop_idx``: a configuration and why.
+
+    A function of ``seed`` and ``loop_idx`` alone (computed once per seed and loop: the plan
+    of a loop avoids the configurations planned for the loops before it).
+    """
+    plans = _PLANS.setdefault(seed, [])
+    while len(plans) <= loop_idx:
+        plans.append(_plan(seed, len(plans), plans))
+    config, why = plans[loop_idx]
+    return dict(config), why
+
+
+def _plan(
+    seed: int, loop_idx: int, earlier: list[tuple[dict[str, Any], str]]
+) -> tuple[dict[str, Any], str]:
+    if loop_idx == 0:
+        return {"model": "mean"}, "a baseline first: predict the training mean"
+    rng = random.Random(f"{seed}/{loop_idx}")
+    seen = {describe(config) for config, _ in earlier}
+    config: dict[str, Any] = {}
+    why = ""
+    for _ in range(20):  # a model asked to avoid repeats mostly does
+        if loop_idx > 1 and rng.random() < 0.5:
+            base = rng.randrange(1, loop_idx)  # an earlier proposal, not the baseline
+            config = _neighbour(rng, earlier[base][0])
+            why = f"refine loop {base}'s {describe(earlier[base][0])} by moving one knob"
+        else:
+            config = _sample(rng)
+            why = f"explore a {config['model']} model, not tried in this form yet"
+        if describe(config) not in seen:
+            break
+    return config, why
 
 
 def _plain(config: dict[str, Any]) -> dict[str, Any]:

@@ -44,7 +44,11 @@ def options(command: F) -> F:
         help="Seconds the stand-in LLM thinks before it proposes an experiment.",
     )(command)
     return click.option(
-        "--seed", type=int, default=0, show_default=True, help="Seed of the data and the 'LLM'."
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Seed of the data and the 'LLM': the same seed proposes the same experiments.",
     )(command)
 
 

@@ -133,24 +133,13 @@ class DataScienceLoop(LoopBase):
             self.trace_folder / "llm_calls.jsonl", self.seed, self.bad_proposal_rate, self.bug_rate
         )
 
-    def _tried(self) -> list[dict[str, Any]]:
-        """Configurations recorded or in flight (so parallel loops do not all propose one)."""
-        tried = [r.config for r in self.trace]
-        n = len(self.steps)
-        for li in range(self.loop_idx):
-            if self.step_idx.get(li, 0) < n:
-                proposal = self.loop_prev_out.get(li, {}).get("direct_exp_gen")
-                if isinstance(proposal, Proposal):
-                    tried.append(proposal.config)
-        return tried
-
     # -- the steps ------------------------------------------------------------------------
 
     async def direct_exp_gen(self, prev_out: dict[str, Any]) -> Proposal:
         """Propose the next experiment; a proposal against the rules withdraws the loop."""
         li = prev_out[self.LOOP_IDX_KEY]
         await anyio.sleep(self.llm_latency)  # the model thinks
-        proposal = self._llm().propose(li, self.best.config if self.best else None, self._tried())
+        proposal = self._llm().propose(li)
         if proposal.config.get("train_on", "train") != "train":
             raise PolicyError(
                 f"loop {li}: the proposal trains on {proposal.config['train_on']!r}; "

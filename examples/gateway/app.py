@@ -42,6 +42,11 @@ from starlette.types import Receive, Scope, Send
 from rdagent_loop import LoopBase, LoopRun, LoopSettings, RunSummary, StepResult, parse_duration
 
 PAGE = Path(__file__).with_name("index.html")
+# browsers ask for /favicon.ico whatever the page says: answer with a dot, not a 404
+FAVICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<circle cx="8" cy="8" r="6" fill="#4477aa"/></svg>'
+)
 Factory = Callable[[LoopSettings], LoopBase]
 Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 
@@ -219,6 +224,11 @@ def create_app(
     async def index(request: Request) -> Response:
         return FileResponse(PAGE, media_type="text/html")
 
+    async def favicon(request: Request) -> Response:
+        return Response(
+            FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+        )
+
     async def runs(request: Request) -> Response:
         return JSONResponse(registry.snapshot())
 
@@ -300,6 +310,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/", index),
+            Route("/favicon.ico", favicon),
             Route("/runs", runs),
             Route("/runs/stream", stream),
         ]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import LoopResumeError, LoopTerminationError
 from .._settings import ExecutorName, LoopSettings
 from .._steps import StepOptions, step_options
-from ._base import Executor, StepCall
+from ._base import Executor, StepCall, StepTiming
 from ._inline import InlineExecutor
 from ._select import choose_executors
 from ._thread import ThreadExecutor
@@ -30,7 +30,7 @@ from ._thread import ThreadExecutor
 if TYPE_CHECKING:
     from .._loop import LoopBase
 
-__all__ = ("Executor", "StepCall", "StepRunner")
+__all__ = ("Executor", "StepCall", "StepRunner", "StepTiming")
 
 
 class StepRunner:
@@ -103,9 +103,10 @@ class StepRunner:
         name: str,
         func: Callable[..., Any],
         prev_out: dict[str, Any],
+        timing: StepTiming,
     ) -> Any:
         """Run ``func``, step ``name`` of loop ``loop_idx``, where it belongs; return its output."""
-        call = StepCall(loop_idx, step_idx, name, func, prev_out, self.options[name])
+        call = StepCall(loop_idx, step_idx, name, func, prev_out, self.options[name], timing)
         return await self._executor(self.choice[name]).run(call)
 
     def _executor(self, kind: ExecutorName) -> Executor:

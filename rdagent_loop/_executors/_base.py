@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from .._steps import StepOptions
+
+
+@dataclass(slots=True)
+class StepTiming:
+    """When a step started: taken by the engine as it calls the step, and taken again by an
+    executor that first had to wait for something that is not the step (a worker process
+    importing the application), so a step's times measure the step."""
+
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def restart(self) -> None:
+        self.started_at = datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +32,7 @@ class StepCall:
     func: Callable[[dict[str, Any]], Any]
     prev_out: dict[str, Any]
     options: StepOptions
+    timing: StepTiming = field(default_factory=StepTiming)
 
     def describe(self) -> str:
         return f"step {self.name!r} of loop {self.loop_idx}"

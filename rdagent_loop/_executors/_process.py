@@ -26,7 +26,9 @@ asyncio or trio.
 * POSIX only (process groups, ``pidfd`` on Linux, a polling fallback elsewhere).
 * Like ``multiprocessing``'s spawn start method, workers import the main script as
   ``__mp_main__``, so a script that starts a run needs an ``if __name__ == "__main__":``
-  guard.
+  guard. Without one, the import in the worker starts a run there: its pool refuses to
+  start (:func:`._worker.refuse_nested_pool`), and the step fails with a one-line
+  :class:`WorkerCrashedError` that names the guard.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from .._compat import add_note
 from .._errors import WorkerCrashedError
 from .._pipes import grow_pipe
 from .._session._capture import without_tearing
-from . import _wire
+from . import _wire, _worker
 from ._base import StepCall
 
 log = logging.getLogger("rdagent_loop")
@@ -107,6 +109,7 @@ class _Worker:
                 self.pidfd = os.pidfd_open(self.pid)
         self._outbox: list[bytes | memoryview] = [_wire.HEADER.pack(len(prep)), prep]
         self._reader = _wire.FrameReader()
+        self.ready = False  # it has imported the application (its first frame says so)
         self.closed = False
         # now, so the worker imports the main module while no step waits for it; a worker
         # that died already is found out by the first request
@@ -121,6 +124,13 @@ class _Worker:
             self._outbox += [_wire.HEADER.pack(len(body)), body]
         else:
             self._outbox += [_wire.HEADER.pack(1 + task.size), _wire.IN_FRAME, *task.parts]
+
+    async def wait_ready(self) -> None:
+        """Wait until the worker has imported the application (at once after the first
+        time); raise ``_WorkerDied`` if it dies first."""
+        if not self.ready:
+            await self.request()  # sends what is left of the preparation data, if anything
+            self.ready = True
 
     async def request(self) -> bytearray:
         """Send the staged task, wait for its reply; raise ``_WorkerDied`` if the worker dies."""
@@ -223,6 +233,7 @@ class ProcessExecutor:
         if self._slots is None:
             self._slots = anyio.Semaphore(self._size)
         async with self._slots:
+            call.timing.restart()  # waiting for a free worker is not the step's time
             self._reap()
             try:
                 task = _pickle_task(call)
@@ -239,6 +250,9 @@ class ProcessExecutor:
             self._busy += 1
             healthy = False
             try:
+                if not worker.ready:
+                    await worker.wait_ready()
+                    call.timing.restart()  # nor is the worker's start
                 worker.stage(task)
                 del task
                 reply = await worker.request()
@@ -256,11 +270,17 @@ class ProcessExecutor:
                     self._idle.append(worker)
                 else:
                     self._discard(worker)
-        return _wire.decode_reply(reply)
+        try:
+            return _wire.decode_reply(reply)
+        except _worker.MainModuleError as exc:
+            raise WorkerCrashedError(
+                call.name, call.loop_idx, worker.pid, None, None, reason=str(exc)
+            ) from None
 
     def prestart(self) -> None:
         """Start the workers now (the run is starting), so they import while the first,
         inline steps run instead of when the first process step needs them."""
+        _worker.refuse_nested_pool()
         if self._busy == 0 and not self._idle:
             self._fill()
 
@@ -271,6 +291,7 @@ class ProcessExecutor:
             self._idle.append(self._spawn())
 
     def _spawn(self) -> _Worker:
+        _worker.refuse_nested_pool()
         if self._prep is None:
             self._prep = pickle.dumps(_preparation_data(), protocol=_wire.PROTOCOL)
         if self._lifeline is None:

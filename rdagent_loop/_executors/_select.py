@@ -27,14 +27,9 @@ def choose_executors(
     cls: type[Any], steps: list[str], settings: LoopSettings
 ) -> dict[str, ExecutorName]:
     """Map every step of ``cls`` to the executor that runs it; refuse contradictions."""
+    # also here, not only in LoopBase.__init__: load(settings=...) gives a loop new settings
+    settings.check_step_names(cls.__name__, steps)
     configured = settings.step_executor
-    if isinstance(configured, dict):
-        unknown = sorted(set(configured) - set(steps))
-        if unknown:
-            raise ValueError(
-                f"step_executor names {unknown}, which are not steps of {cls.__name__}; "
-                f"its steps are {steps}"
-            )
     chosen: dict[str, ExecutorName] = {}
     last = len(steps) - 1
     for idx, name in enumerate(steps):

@@ -37,6 +37,7 @@ class ThreadExecutor:
         finished = threading.Event()
 
         def target() -> Any:
+            call.timing.restart()  # waiting for a thread is not the step's time
             started.set()
             try:
                 return call.func(call.prev_out)

@@ -7,12 +7,17 @@ loop classes defined in the main script unpickle), then runs one step per task f
 its pipe closes. A thread watches a lifeline pipe whose write end only the parent holds: if
 the parent dies, even by SIGKILL, the worker kills its own process group instead of
 running on as an orphan.
+
+A worker that cannot load the application's code (importing the main script failed, or
+started a run of its own: a script without an ``if __name__ == "__main__":`` guard; or the
+step's class lives in a ``__main__`` it cannot import) answers every task with a
+:class:`MainModuleError` saying so, which the pool turns into a one-line
+``WorkerCrashedError``, instead of the nested tracebacks of a run inside the worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing.spawn
 import os
 import pickle
 import signal
@@ -23,6 +28,41 @@ from typing import Any
 
 from . import _wire
 
+MAIN_GUARD = (
+    "define loop classes at module level and keep the script's entry point under "
+    '`if __name__ == "__main__":`'
+)
+
+
+class MainModuleError(Exception):
+    """This worker cannot load the application's code; sent back instead of a result."""
+
+
+class NestedRunError(RuntimeError):
+    """A run asked for worker processes while a worker was importing the main script."""
+
+
+READY = b"ready"  # the first frame a worker sends, once it has prepared itself
+
+_MAIN_NAMES = ("'__main__'", "'__mp_main__'")  # as unpickling names a missing class's module
+
+# this process is a worker importing the application's main script (process state: one
+# worker is one process)
+_importing_main = False
+_nested_run = False
+
+
+def refuse_nested_pool() -> None:
+    """Called by a process pool as it starts: a pool started while a worker imports the
+    main script is a run started by that import (no ``__main__`` guard): stop it there,
+    before it starts workers of its own, which would start runs of their own."""
+    global _nested_run
+    if _importing_main:
+        _nested_run = True
+        raise NestedRunError(
+            f"a worker process imported the main script and it started a run: {MAIN_GUARD}"
+        )
+
 
 def main(argv: list[str] | None = None) -> None:
     to_worker, from_worker, lifeline, shared = (int(a) for a in (argv or sys.argv)[-4:])
@@ -31,20 +71,59 @@ def main(argv: list[str] | None = None) -> None:
     prep = _wire.read_frame(to_worker)
     if prep is None:
         return
-    multiprocessing.spawn.prepare(pickle.loads(prep))
+    failure = _prepare(pickle.loads(prep))
+    _wire.write_frame(from_worker, READY)  # the application is imported: steps start now
     while True:
         task = _wire.read_frame(to_worker)
         if task is None:
             return  # the pool closed the pipe
-        reply = _run(task, region)
+        reply = failure if failure is not None else _run(task, region)
         del task
         _flush()
         _wire.write_frame(from_worker, reply)
 
 
+def _prepare(data: dict[str, Any]) -> bytes | None:
+    """Become like a spawn child (imports the main script); the reply to every task if the
+    application's code cannot be loaded, else None."""
+    # imported here: the pool imports this module too, on the event loop's thread, and
+    # multiprocessing's import reads the working directory (a blocking call)
+    import multiprocessing.spawn
+
+    global _importing_main
+    _importing_main = True
+    try:
+        multiprocessing.spawn.prepare(data)
+    except BaseException as exc:  # the script's own error, SystemExit included
+        script = data.get("init_main_from_path") or data.get("init_main_from_name") or "?"
+        what = (
+            "started a run"
+            if _nested_run
+            else f"raised {type(exc).__name__}: {' '.join(str(exc).split())}"
+        )
+        reason = (
+            f"the worker imports the main script {script} again, as multiprocessing does, "
+            f"and that import {what}; {MAIN_GUARD}"
+        )
+        return _wire.encode_error(MainModuleError(reason), "")
+    finally:
+        _importing_main = False
+    return None
+
+
 def _run(task: bytearray, region: _wire.SharedRegion | None) -> bytes:
     try:
         func, prev_out = _wire.load_task(task, region)
+    except Exception as exc:
+        if isinstance(exc, AttributeError) and any(m in str(exc) for m in _MAIN_NAMES):
+            reason = (
+                f"the worker cannot load the step's class from the main module ({exc}); "
+                f"{MAIN_GUARD} (a class defined in `python -c`, a notebook or a function "
+                "cannot reach a worker)"
+            )
+            return _wire.encode_error(MainModuleError(reason), "")
+        return _wire.encode_error(exc, traceback.format_exc())
+    try:
         output: Any = func(prev_out)
     except BaseException as exc:  # everything goes back to the parent, which decides
         return _wire.encode_error(exc, traceback.format_exc())

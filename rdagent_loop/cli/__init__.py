@@ -8,7 +8,8 @@
 
 Ctrl-C stops a run cleanly (in-flight steps are cancelled, their child processes killed,
 every completed step is already saved) and says how to resume. Errors are one line on
-standard error and a non-zero exit status; ``--debug`` adds the traceback.
+standard error and a non-zero exit status; ``--debug`` (before or after the command's name)
+adds the traceback.
 
 Modules: ``_commands`` (the click commands and ``main``), ``_start`` (a loop ready to run, in
 a new session or resumed), ``_driver`` (the run under a backend: signals, live display, the

@@ -19,8 +19,8 @@ from .._inspect import SessionError, import_loop_class, read_session
 from .._session import qualified_name
 from .._timeline import render_svg
 from ._demo import import_demo, run_demo
-from ._driver import RunOptions
-from ._messages import CliError, error_line, prog, shown
+from ._driver import RunOptions, require_backend
+from ._messages import CliError, error_line, plural, prog, shown
 from ._render import render_table, write_png
 from ._start import construct, resume, start
 
@@ -71,6 +71,7 @@ def _run_options(func: F) -> F:
             type=click.Choice(["asyncio", "trio"]),
             default="asyncio",
             show_default=True,
+            callback=_backend,
             help="The event loop to run on.",
         ),
         click.option(
@@ -79,10 +80,37 @@ def _run_options(func: F) -> F:
             help="Plain lines instead of the live display, even on a terminal.",
         ),
         click.option("-v", "--verbose", is_flag=True, help="Show every step and the engine's log."),
+        _debug_option,
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(dict)["debug"] = True
+
+
+def _debug_option(func: F) -> F:
+    """``--debug`` on the group and on every command, so it works before or after the name."""
+    return click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_debug,
+        help="Show the traceback of an error.",
+    )(func)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool((ctx.obj or {}).get("debug"))
+
+
+def _backend(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    require_backend(value)  # before anything is created: no empty session folder
+    return value
 
 
 def _class_option(func: F) -> F:
@@ -111,11 +139,11 @@ class _Commands(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="rdagent-loop")
-@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@_debug_option
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context) -> None:
     """Run, watch, stop, inspect and resume R&D loops (rdagent_loop)."""
-    ctx.obj = {"debug": debug}
+    ctx.ensure_object(dict)
 
 
 @cli.command()
@@ -135,13 +163,13 @@ def run(ctx: click.Context, /, target: str, trace_path: Path | None, **options: 
     try:
         cls = import_loop_class(target)
     except SessionError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc)) from exc
     return start(
         construct(cls),
         qualified_name(cls),
         trace_path,
         RunOptions(**options),
-        debug=ctx.obj["debug"],
+        debug=_debug(ctx),
     )
 
 
@@ -171,21 +199,22 @@ def resume_command(
     --checkout). Budgets left out keep what the session saved.
     """
     try:
-        return resume(session, checkout, loop_class, RunOptions(**options), debug=ctx.obj["debug"])
+        return resume(session, checkout, loop_class, RunOptions(**options), debug=_debug(ctx))
     except SessionError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc)) from exc
 
 
 @cli.command("inspect")
 @click.argument("session", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for scripts.")
 @_class_option
+@_debug_option
 def inspect_command(session: Path, as_json: bool, loop_class: str | None) -> int:
     """Show every loop x step of SESSION: status, duration, result, errors, corrupt snapshots."""
     try:
         report, _ = read_session(session, loop_class)
     except SessionError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -208,6 +237,7 @@ def inspect_command(session: Path, as_json: bool, loop_class: str | None) -> int
 @click.option("--width", type=click.IntRange(600, 20000), default=1200, show_default=True)
 @click.option("--title", help="A title instead of the class and folder name.")
 @_class_option
+@_debug_option
 def timeline(
     session: Path, output: Path, width: int, title: str | None, loop_class: str | None
 ) -> int:
@@ -215,7 +245,7 @@ def timeline(
     try:
         report, loop = read_session(session, loop_class)
     except SessionError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc)) from exc
     if loop is None:
         raise CliError(f"cannot chart {shown(session)}: {report.problem}")
     svg = render_svg(report, width=width, title=title)
@@ -225,7 +255,9 @@ def timeline(
     else:
         output.write_text(svg)
     steps = sum(1 for row in report.loops for s in row.steps if s.started_at)
-    click.echo(f"wrote {shown(output)}: {len(report.loops)} loops, {steps} steps")
+    click.echo(
+        f"wrote {shown(output)}: {plural(len(report.loops), 'loop')}, {plural(steps, 'step')}"
+    )
     return 0
 
 
@@ -237,6 +269,7 @@ def _demo_command() -> click.Command:
         missing = exc
 
         @click.command("demo")
+        @_debug_option
         def unavailable() -> None:
             """Run the data-science example (needs a checkout of rdagent_loop)."""
             raise missing
@@ -282,10 +315,10 @@ def _demo_command() -> click.Command:
                 overwrite,
                 run_options,
                 loop_options,
-                debug=ctx.obj["debug"],
+                debug=_debug(ctx),
             )
         except SessionError as exc:
-            raise CliError(str(exc)) from None
+            raise CliError(str(exc)) from exc
 
     return command
 
@@ -294,12 +327,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``rdagent-loop`` command; return the exit status (``__main__`` exits with it)."""
     args = list(sys.argv[1:] if argv is None else argv)
     name = prog()
+    # --debug is accepted by the group and every command; an error raised before or
+    # outside a command's body must know it too
+    debug = "--debug" in (args[: args.index("--")] if "--" in args else args)
     try:
         status = cli.main(args=args, prog_name=name, standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
+        if debug:
+            traceback.print_exc()
         click.echo("interrupted", err=True)
         return 130
     except click.ClickException as exc:
+        if debug and not isinstance(exc, click.UsageError):
+            traceback.print_exc()  # with the error it stands for, as its cause
         message = exc.format_message()
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             message += f" (see `{exc.ctx.command_path} --help`)"
@@ -308,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except Exception as exc:
-        if "--debug" in args:
+        if debug:
             traceback.print_exc()
         click.echo(f"{name}: error: {error_line(exc)}", err=True)
         return 1

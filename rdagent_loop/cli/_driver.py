@@ -7,6 +7,8 @@ lines say what happened and what to type next, and the exit status tells scripts
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import signal
 import sys
@@ -15,6 +17,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,9 +25,11 @@ import click
 from anyio.abc import TaskStatus
 
 from .. import LoopBase, RunSummary, list_snapshots
+from .._budget import carry_budgets
+from .._inspect import META_FILE
 from .._live import LiveDisplay
 from .._timeline import format_seconds
-from ._messages import error_line, prog, shown
+from ._messages import CliError, error_line, plural, prog, shown
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -86,7 +91,11 @@ async def _drive(loop: LoopBase, display: LiveDisplay, kwargs: dict[str, Any]) -
 
 
 class _DisplayLog(logging.Handler):
-    """The engine's log lines, printed above the live display."""
+    """The engine's log lines, printed above the live display.
+
+    Not the engine's warning that a step raised a skip error: the display reports that
+    itself, in the loop's one line.
+    """
 
     def __init__(self, display: LiveDisplay) -> None:
         super().__init__()
@@ -94,22 +103,47 @@ class _DisplayLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.display.message(f"  {record.levelname.lower()}: {record.getMessage()}")
+            message = record.getMessage()
+            if hasattr(record, "loop_idx") and message.endswith(", skipping ahead"):
+                return
+            self.display.message(f"  {record.levelname.lower()}: {message}")
         except Exception:
             self.handleError(record)
 
 
+def require_backend(backend: str) -> None:
+    """Fail before anything is created when the event loop asked for is not installed."""
+    if backend == "trio":
+        try:
+            importlib.import_module("trio")
+        except ImportError:
+            raise CliError(
+                "--backend trio needs trio, which is not installed: "
+                "pip install 'rdagent_loop[trio]'"
+            ) from None
+
+
+def run_budgets(loop: LoopBase, options: RunOptions) -> tuple[int | None, int | None]:
+    """The ``(step_n, loop_n)`` the run will start with: the command line's, or what a
+    resumed session saved (the engine's own rule, :func:`carry_budgets`)."""
+    n = len(loop.steps)
+    started = sum(1 for li in range(loop.loop_idx) if loop.step_idx.get(li, 0) < n)
+    return carry_budgets(
+        loop.step_n, loop.loop_n, started, step_n=options.step_n, loop_n=options.loop_n
+    )
+
+
 def run_with_display(loop: LoopBase, options: RunOptions, *, debug: bool) -> int:
     """Run ``loop`` with a live display; report how it ended; return the exit status."""
-    steps = len(loop.steps)
-    total = (
-        options.step_n
-        if options.step_n is not None
-        else (options.loop_n * steps if options.loop_n else None)
-    )
+    step_n, loop_n = run_budgets(loop, options)
     interactive = sys.stderr.isatty() and not options.no_progress
     display = LiveDisplay(
-        loop, sys.stderr, interactive=interactive, total_steps=total, verbose=options.verbose
+        loop,
+        sys.stderr,
+        interactive=interactive,
+        step_n=step_n,
+        loop_n=loop_n,
+        verbose=options.verbose,
     )
     level = logging.INFO if options.verbose else logging.WARNING
     engine_log = logging.getLogger("rdagent_loop")
@@ -139,16 +173,31 @@ def run_with_display(loop: LoopBase, options: RunOptions, *, debug: bool) -> int
 
 
 def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, debug: bool) -> int:
-    """The end-of-run lines: how it ended, where the session is, what to type next."""
+    """The end-of-run lines: how it ended, where the session is, what to type next.
+
+    Commands to resume or inspect are given only when a snapshot was saved: without one
+    there is nothing they could read.
+    """
     trace = loop.session_folder.parent
     resume = f"{prog()} resume {shown(trace)}"
     saved = sum(1 for s in list_snapshots(loop.session_folder) if s.valid)
+    if not saved:
+        _forget(trace)
+    nothing = (
+        "no snapshot was saved (save_snapshots is off), so there is nothing to resume"
+        if steps_done
+        else "no step completed, so nothing was saved and there is nothing to resume"
+    )
     if ended.signal is not None:
         signum = signal.Signals(ended.signal)
         how = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signum.name
+        if not saved:
+            click.echo(f"interrupted by {how} after {plural(steps_done, 'step')}: {nothing}.")
+            return EXIT_STATUS.get(signum, 1)
         click.echo(
-            f"interrupted by {how} after {steps_done} steps: stopped cleanly; "
-            f"the session in {shown(trace)} keeps every completed step ({saved} snapshots)."
+            f"interrupted by {how} after {plural(steps_done, 'step')}: stopped cleanly; "
+            f"the session in {shown(trace)} keeps every completed step "
+            f"({plural(saved, 'snapshot')})."
         )
         click.echo(f"resume with: {resume}")
         return EXIT_STATUS.get(signum, 1)
@@ -156,18 +205,24 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
         if debug:
             traceback.print_exception(ended.error)
         click.echo(f"{prog()}: error: {error_line(ended.error)}", err=True)
-        click.echo(
-            f"the session in {shown(trace)} keeps every completed step; resume with: {resume}",
-            err=True,
-        )
+        if saved:
+            click.echo(
+                f"the session in {shown(trace)} keeps every completed step; resume with: {resume}",
+                err=True,
+            )
+        else:
+            click.echo(f"{nothing}.", err=True)
         return 1
     summary = ended.summary
     assert summary is not None
     click.echo(f"finished: {summary} in {format_seconds(seconds)}")
+    if not saved:
+        click.echo(f"nothing ran: {nothing}." if not steps_done else f"{nothing}.")
+        return 0
     best = getattr(loop, "best", None)
     if best is not None and not callable(best):
         click.echo(f"best: {best}")
-    click.echo(f"session: {shown(trace)} ({saved} snapshots)")
+    click.echo(f"session: {shown(trace)} ({plural(saved, 'snapshot')})")
     unfinished = loop.get_unfinished_loop_cnt(loop.loop_idx)
     if unfinished or summary.reason in ("step_n", "all_duration"):
         click.echo(f"resume with: {resume}")
@@ -178,3 +233,12 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
         f"chart: {prog()} timeline {shown(trace)} -o timeline.svg"
     )
     return 0
+
+
+def _forget(trace: Path) -> None:
+    """Take back what starting the run created, when it saved nothing: the meta file, and
+    the session folders if they are left empty (the app's own files stay)."""
+    (trace / META_FILE).unlink(missing_ok=True)
+    for folder in (trace / "__session__", trace):
+        with contextlib.suppress(OSError):  # not empty, or not there
+            folder.rmdir()

@@ -40,3 +40,8 @@ def error_line(exc: BaseException) -> str:
     notes = "; ".join(getattr(exc, "__notes__", ()))
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return " ".join(f"{text} ({notes})".split()) if notes else " ".join(text.split())
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 loop``, ``2 loops``, ``0 loops``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

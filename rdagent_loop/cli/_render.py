@@ -16,7 +16,7 @@ import click
 
 from .._inspect import SessionReport
 from .._timeline import format_seconds
-from ._messages import CliError, shown
+from ._messages import CliError, plural, shown
 
 
 def _cell(status: str, seconds: float | None, corrupt: bool) -> tuple[str, str | None]:
@@ -39,8 +39,8 @@ def render_table(report: SessionReport, width: int) -> list[str]:
     finished = sum(1 for r in loops if r.status == "finished")
     header = (
         f"session {shown(report.session_folder)} · {report.loop_class or 'unknown class'} · "
-        f"{len(loops)} loops ({finished} finished, {len(loops) - finished} not) · "
-        f"{len(report.snapshots)} snapshots"
+        f"{plural(len(loops), 'loop')} ({finished} finished, {len(loops) - finished} not) · "
+        f"{plural(len(report.snapshots), 'snapshot')}"
     )
     if report.corrupt:
         header += click.style(f" ({len(report.corrupt)} corrupt)", fg="magenta", bold=True)
@@ -138,6 +138,6 @@ def write_png(svg: str, output: Path) -> None:
         try:
             subprocess.run(command, capture_output=True, timeout=120, check=True)
         except (subprocess.SubprocessError, OSError) as exc:
-            raise CliError(f"Chromium could not render the PNG: {exc}") from None
+            raise CliError(f"Chromium could not render the PNG: {exc}") from exc
     if not output.exists():
         raise CliError("Chromium did not write the PNG")

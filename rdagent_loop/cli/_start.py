@@ -30,7 +30,7 @@ from .._inspect import (
 from .._session import qualified_name
 from .._timeline import format_seconds
 from ._driver import RunOptions, run_with_display
-from ._messages import CliError, error_line, prog, shown
+from ._messages import CliError, error_line, plural, prog, shown
 
 
 def has_session(trace: Path) -> bool:
@@ -73,7 +73,7 @@ def start(
     try:
         loop = factory(LoopSettings(**overrides))
     except Exception as exc:
-        raise CliError(f"cannot create {class_name}: {error_line(exc)}") from None
+        raise CliError(f"cannot create {class_name}: {error_line(exc)}") from exc
     # a class that builds its own settings still gets what the command line asked for
     if any(getattr(loop.settings, k) != v for k, v in overrides.items()):
         loop.settings = loop.settings.model_copy(update=overrides)
@@ -90,7 +90,7 @@ def start(
         created_at=datetime.now().astimezone().isoformat(),
         command=" ".join(shlex.quote(a) for a in sys.argv),
     )
-    what = f"{options.loop_n} loops" if options.loop_n is not None else "loops until stopped"
+    what = plural(options.loop_n, "loop") if options.loop_n is not None else "loops until stopped"
     click.echo(
         f"running {class_name}: {what}, {loop.settings.max_parallel} in parallel, on "
         f"{options.backend}; session in {shown(trace)}"
@@ -148,7 +148,8 @@ def resume(
     )
     nexts += ", …" if len(unfinished) > 4 else ""
     click.echo(
-        f"  {loop.loop_idx - len(unfinished)} loops finished, {len(unfinished)} unfinished"
+        f"  {plural(loop.loop_idx - len(unfinished), 'loop')} finished, "
+        f"{len(unfinished)} unfinished"
         + (f" ({nexts})" if unfinished else "")
         + (f"; time left {format_seconds(remain.total_seconds())}" if remain is not None else "")
     )

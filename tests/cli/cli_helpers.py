@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +53,64 @@ def assert_consistent(report: dict[str, Any]) -> None:
         assert done == sorted(set(done)), loop
         if loop["status"] == "finished":
             assert done[0] == 0
+
+
+@dataclass(frozen=True)
+class Screen:
+    """What a command run on a terminal showed: standard error as the terminal got it."""
+
+    text: str  # with the escape sequences that redraw the live block
+    stdout: str
+    returncode: int
+
+    def headers(self) -> list[str]:
+        """Every header line of the live block drawn, in order."""
+        return [
+            line for line in re.split(r"[\r\n]|\x1b\[\d*[FJ]", self.text) if " · steps " in line
+        ]
+
+    def counts(self) -> list[tuple[int, int | None, int]]:
+        """``(steps done, step total or None, loops done)`` of every header."""
+        found = []
+        for line in self.headers():
+            m = re.search(r" · steps (\d+)(?:/(\d+))? · loops (\d+) done", line)
+            assert m is not None, line
+            total = int(m.group(2)) if m.group(2) is not None else None
+            found.append((int(m.group(1)), total, int(m.group(3))))
+        return found
+
+
+def run_in_pty(*args: str, cwd: Path, timeout: float = 90, **env: str) -> Screen:
+    """Run the command with its standard error on a pseudo-terminal (stdout a pipe)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        cli_command(*args),
+        cwd=cwd,
+        env=cli_env(**env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    os.close(slave)
+    screen = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], timeout)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other side is closed
+                break
+            if not chunk:
+                break
+            screen += chunk
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return Screen(screen.decode(errors="replace"), out.decode(), proc.returncode)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -12,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import assert_consistent, cli_command, cli_env, inspect_json, run_cli
+from cli_helpers import (
+    assert_consistent,
+    cli_command,
+    cli_env,
+    inspect_json,
+    run_cli,
+    run_in_pty,
+)
 
 from rdagent_loop import list_snapshots
 
@@ -108,7 +114,7 @@ def test_resume_a_step_budget_into_a_fork(cli: Callable[..., Any], tmp_path: Pat
         "resumed examples.quant_factor.loop:FactorLoop from snapshot 1/1_coding"
     )
     assert "(the original stays as it is)" in first
-    assert "1 loops finished, 1 unfinished (loop 1 at running)" in done.stdout
+    assert "1 loop finished, 1 unfinished (loop 1 at running)" in done.stdout
     assert "finished: 8 steps, 2 loops completed" in done.stdout
     after = sorted(s.path.name for s in list_snapshots(tmp_path / "t" / "__session__"))
     assert after == before
@@ -163,44 +169,17 @@ def test_errors_are_one_clear_line(cli: Callable[..., Any], args: list[str], mes
 
 def test_live_display_on_a_terminal(tmp_path: Path) -> None:
     """On a terminal, a live block (loops in flight, steps, time) is redrawn in place."""
-    import pty
-
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        cli_command("run", QUANT, "--loop-n", "3", "--parallel", "2", "--trace-path", "t"),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=slave,
+    screen = run_in_pty(
+        "run", QUANT, "--loop-n", "3", "--parallel", "2", "--trace-path", "t", cwd=tmp_path
     )
-    os.close(slave)
-    screen = b""
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 60)
-            if not ready:
-                break
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the other side is closed
-                break
-            if not chunk:
-                break
-            screen += chunk
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0
-    text = screen.decode()
+    assert screen.returncode == 0
+    text = screen.text
     assert "\x1b[" in text  # redrawn in place
     assert "FactorLoop · steps " in text and "/15" in text
     assert "in flight" in text and "time left" in text
     assert "loop    0 " in text  # a line for a loop in flight
     assert "loop 2 done: " in text  # finished loops stay on the screen
-    assert b"finished: 15 steps" in out
+    assert "finished: 15 steps" in screen.stdout
 
 
 def test_a_class_without_a_settings_argument_gets_the_command_line_settings(
@@ -227,3 +206,103 @@ def test_a_class_without_a_settings_argument_gets_the_command_line_settings(
         assert [loop["status"] for loop in report["loops"]] == ["finished"] * 3
     assert not (tmp_path / "elsewhere").exists()
     assert not (tmp_path / "log").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", QUANT, "--loop-n", "1", "--backend", "trio"],
+        ["demo", "--loop-n", "1", "--backend", "trio"],
+    ],
+)
+def test_a_missing_backend_names_our_extra_and_creates_nothing(
+    tmp_path: Path, args: list[str]
+) -> None:
+    hidden = tmp_path / "no-trio"
+    hidden.mkdir()
+    (hidden / "trio.py").write_text("raise ModuleNotFoundError(\"No module named 'trio'\")\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hidden), env["PYTHONPATH"]])
+    done = subprocess.run(
+        cli_command(*args), cwd=work, env=env, capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"{PROG}: error: --backend trio needs trio, which is not installed: "
+        "pip install 'rdagent_loop[trio]'"
+    ]
+    assert list(work.iterdir()) == []  # no log/<date-time>/, no demo-session/
+
+
+BOOM = (
+    "from rdagent_loop import LoopBase\n"
+    "class Boom(LoopBase):\n"
+    "    async def a(self, prev_out): return 1\n"
+    "    async def b(self, prev_out): raise ValueError('boom')\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["resume", "missing", "--debug"], "SessionError: no session at missing"),
+        (["--debug", "resume", "missing"], "SessionError: no session at missing"),
+        (["inspect", "missing", "--debug"], "SessionError: no session at missing"),
+        (["timeline", "--debug", "missing"], "SessionError: no session at missing"),
+        (["run", "no_such_module:Loop", "--debug"], "ModuleNotFoundError: No module named"),
+        (["run", "boom:Boom", "--loop-n", "1", "--debug"], "ValueError: boom"),
+        (["demo", "--resume", "missing", "--debug"], "SessionError: no session at missing"),
+    ],
+)
+def test_debug_anywhere_shows_the_traceback(
+    cli: Callable[..., Any], tmp_path: Path, args: list[str], shown: str
+) -> None:
+    (tmp_path / "boom.py").write_text(BOOM)
+    done = cli(*args)
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert shown in done.stderr
+    assert f"{PROG}: error: " in done.stderr
+    assert "No such option" not in done.stderr
+    without = cli(*[a for a in args if a != "--debug"])
+    assert without.returncode == 1
+    assert "Traceback" not in without.stderr
+
+
+def test_a_run_that_saved_nothing_offers_no_commands(
+    cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    done = cli("run", QUANT, "--loop-n", "0", "--trace-path", "t")
+    assert done.returncode == 0, done.stderr
+    assert "finished: 0 steps" in done.stdout
+    assert "nothing ran: no step completed, so nothing was saved" in done.stdout
+    assert f"{PROG} resume" not in done.stdout and f"{PROG} inspect" not in done.stdout
+    assert not (tmp_path / "t").exists()  # nothing left behind either
+
+
+def test_inspect_says_1_loop(cli: Callable[..., Any], tmp_path: Path) -> None:
+    done = cli("run", QUANT, "--loop-n", "1", "--step-n", "2", "--trace-path", "t")
+    assert done.returncode == 0, done.stderr
+    done = cli("inspect", "t")
+    assert done.returncode == 0, done.stderr
+    assert " · 1 loop (0 finished, 1 not) · 2 snapshots" in done.stdout.splitlines()[0]
+    done = cli("timeline", "t", "-o", "t.svg")
+    assert done.stdout.strip() == "wrote t.svg: 1 loop, 2 steps"
+
+
+def demo_proposals(cli: Callable[..., Any], tmp_path: Path, trace: str, *args: str) -> list[str]:
+    done = cli("demo", "--loop-n", "4", "--llm-latency", "0", "--trace-path", trace, *args)
+    assert done.returncode == 0, done.stderr
+    report = inspect_json(tmp_path / trace, cwd=tmp_path)
+    return [loop["steps"][0]["output"] for loop in report["loops"]]
+
+
+def test_the_demo_proposes_by_its_seed(cli: Callable[..., Any], tmp_path: Path) -> None:
+    """The same seed, the same proposals: also one loop at a time against three at once."""
+    one = demo_proposals(cli, tmp_path, "a", "--seed", "3", "--parallel", "1")
+    assert len(one) == 4 and one[0] == "mean"
+    assert demo_proposals(cli, tmp_path, "b", "--seed", "3", "--parallel", "3") == one
+    other = demo_proposals(cli, tmp_path, "c", "--seed", "4", "--parallel", "3")
+    assert other != one

@@ -29,9 +29,7 @@ class ScriptedLLM(FakeLLM):
 
     config: dict[str, Any] = {}
 
-    def propose(
-        self, loop_idx: int, best: dict[str, Any] | None, tried: list[dict[str, Any]]
-    ) -> Proposal:
+    def propose(self, loop_idx: int) -> Proposal:
         return Proposal({**self.config, "seed": loop_idx}, "scripted")
 
 

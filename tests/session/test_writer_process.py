@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -222,12 +223,20 @@ async def test_what_the_pipe_cannot_take_goes_on_through_the_thread_and_keeps_it
     big = [os.urandom(60_000) for _ in range(40)]  # 2.4 MB, in segments too small to chunk
     async with SnapshotWriter(mode="process") as writer:
         before = writer._submitted  # what the thread was given to start the process
-        assert writer.submit(job("0_big", **{f"a{n}": b for n, b in enumerate(big)}))
-        for n in range(1, 20):
-            assert writer.submit(job(f"{n}_small", n=n))
-        # the rest of the big one went to the thread, and every job after it: sent from
-        # here, a small job would have cut into the big one's frame in the pipe
-        assert writer._submitted - before == 20
+        pid = writer.statistics().process_id
+        assert pid is not None
+        # the process stops reading, so the pipe cannot take the big job, however fast
+        # the machine is: its rest must wait in the thread
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert writer.submit(job("0_big", **{f"a{n}": b for n, b in enumerate(big)}))
+            for n in range(1, 20):
+                assert writer.submit(job(f"{n}_small", n=n))
+            # the rest of the big one went to the thread, and every job after it: sent from
+            # here, a small job would have cut into the big one's frame in the pipe
+            assert writer._submitted - before == 20
+        finally:
+            os.kill(pid, signal.SIGCONT)
     statistics = writer.statistics()
     assert statistics.process_id is not None
     assert statistics.jobs_done == 20
