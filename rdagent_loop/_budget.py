@@ -6,9 +6,12 @@ import math
 import re
 import time
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
+
+if TYPE_CHECKING:
+    from ._loop import LoopBase
 
 # ASCII only: \d would also take "٣" (Arabic-Indic three), which float() reads as 3
 _DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>[smhd]?)", re.ASCII)
@@ -205,20 +208,17 @@ class StepBudget:
 
 
 def carry_budgets(
-    saved_step_n: int | None,
-    saved_loop_n: int | None,
-    started_loops: int,
-    *,
-    step_n: int | None,
-    loop_n: int | None,
+    loop: LoopBase, *, step_n: int | None, loop_n: int | None
 ) -> tuple[int | None, int | None]:
-    """The ``(step_n, loop_n)`` a run starts with, from the saved ones and ``run()``'s arguments.
+    """The ``(step_n, loop_n)`` a run of ``loop`` starts with, from what the loop saved and
+    ``run()``'s arguments.
 
     One rule, asked by the engine and by the CLI's resume: an argument wins; a step budget
     that was spent ended its run, so the next run has none (an unspent one, left by a crash,
     carries on); a ``loop_n`` argument counts the loops a resumed session had started first.
     """
     if step_n is None:
-        step_n = None if saved_step_n == 0 else saved_step_n
-    loop_n = saved_loop_n if loop_n is None else max(0, loop_n - started_loops)
-    return step_n, loop_n
+        step_n = None if loop.step_n == 0 else loop.step_n
+    if loop_n is None:
+        return step_n, loop.loop_n
+    return step_n, max(0, loop_n - loop.get_unfinished_loop_cnt(loop.loop_idx))

@@ -60,7 +60,9 @@ class Generation:
         self.run = run
         self.loop: LoopBase = run.loop
         n = len(self.loop.steps)
-        self.unfinished = {li for li in range(self.loop.loop_idx) if self.loop.step_idx[li] < n}
+        self.unfinished = {
+            li for li in range(self.loop.loop_idx) if self.loop.step_idx.get(li, 0) < n
+        }
         self.loops_running = 0  # handed over to the executors, not finished
         self.executors = 0  # executor tasks started: at most max_parallel
         self._handed: MemoryObjectSendStream[int]
@@ -122,7 +124,7 @@ class Generation:
             loop.loop_prev_out[li][loop.LOOP_IDX_KEY] = li
             if not await self._run_step(li):
                 return
-            if loop.step_idx[li] < n:
+            if loop.step_idx.get(li, 0) < n:
                 self._hand_over(tg, li)
 
     async def _wait_for_room(self, count: Callable[[], int]) -> None:
@@ -142,7 +144,7 @@ class Generation:
         try:
             async for li in self._loops:
                 try:
-                    while self.loop.step_idx[li] < n:
+                    while self.loop.step_idx.get(li, 0) < n:
                         if not await self._run_step(li):
                             return
                 finally:
@@ -155,7 +157,7 @@ class Generation:
     async def _run_step(self, li: int) -> bool:
         """Run the next step of loop ``li``; return False when the generation must end."""
         loop, run = self.loop, self.run
-        si = loop.step_idx[li]
+        si = loop.step_idx.get(li, 0)
         name = loop.steps[si]
         await run.writer.wait_room()  # a writer far behind slows the steps down
         async with run.limiters[name]:
@@ -210,13 +212,13 @@ class Generation:
         False when saving failed (the generation then ends with that error)."""
         loop, run = self.loop, self.run
         ended = _utcnow()
-        next_si = record_step(loop, li, si, output, error, started, ended)
+        loop_done = record_step(loop, li, si, output, error, started, ended) >= len(loop.steps)
         name = loop.steps[si]
         result = StepResult(li, si, name, output, error, started, ended, attempts, retried)
-        if next_si >= len(loop.steps):
+        if loop_done:
             self.unfinished.discard(li)
         try:
-            run.step_recorded(result, loop_done=next_si >= len(loop.steps))
+            run.step_recorded(result, loop_done=loop_done)
         except Exception as problem:
             self.fail(problem)
             return False

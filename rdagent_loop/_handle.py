@@ -79,8 +79,7 @@ class ResultStream(AsyncIterator[StepResult]):
         return self._outcome.summary
 
     def close(self) -> None:
-        self._outlet.receive.close()
-        self._outlet.progress.close()
+        self._outlet.close()
 
 
 class LoopRun(Coroutine[Any, Any, RunSummary]):
@@ -112,14 +111,12 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         self._outcome = _Outcome()
         # RD-Agent's kaggle app calls loop.run(...) without awaiting it: say so when such a
         # handle is dropped. The finalizer holds only a string, so it keeps nothing alive.
-        args = ", ".join(f"{k}={v!r}" for k, v in self._args.items() if v is not None)
-        self._unused = weakref.finalize(
-            self, LoopRun._warn_unused, f"{type(loop).__name__}.run({args})"
-        )
+        self._arguments = ", ".join(f"{k}={v!r}" for k, v in self._args.items() if v is not None)
+        call = f"{type(loop).__name__}.run({self._arguments})"
+        self._unused = weakref.finalize(self, LoopRun._warn_unused, call)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._args.items() if v is not None)
-        return f"<LoopRun of {type(self._loop).__name__}({args})>"
+        return f"<LoopRun of {type(self._loop).__name__}({self._arguments})>"
 
     @staticmethod
     def _warn_unused(call: str) -> None:
@@ -162,8 +159,6 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
             run = Run(loop, outlet, **self._args)  # type: ignore[arg-type]
         except BaseException:  # refused (bad settings...): leave no open stream behind
             outlet.close()
-            outlet.receive.close()
-            outlet.progress.close()
             raise
         loop._running = True
         self._consumed = form
@@ -250,8 +245,6 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
             self._release()
             if self._run is not None:
                 self._run.outlet.close()
-            if self._results is not None:
-                self._results.close()
         outcome = self._outcome
         if exc is None and outcome.error is not None and not outcome.delivered:
             outcome.delivered = True
@@ -329,13 +322,11 @@ class _DetachedIterator(AsyncIterator[StepResult]):
 
 def _never_started(outlet: ResultOutlet, release: Callable[[], None]) -> None:
     outlet.close()
-    outlet.receive.close()
     release()
 
 
 def _stop(scope: anyio.CancelScope, outlet: ResultOutlet) -> None:
-    outlet.receive.close()
-    outlet.progress.close()
+    outlet.close()
     with contextlib.suppress(RuntimeError):  # the event loop is already gone
         scope.cancel()
 

@@ -62,7 +62,11 @@ class ResultOutlet:
         return self.send.statistics().current_buffer_used
 
     def close(self) -> None:
+        """Close both ends and the progress display (again is harmless). The engine's
+        ``deliver`` to a closed stream gives its room back and drops the result."""
         self.send.close()
+        self.receive.close()
+        self.progress.close()
 
 
 class DiscardOutlet(ResultOutlet):

@@ -127,11 +127,7 @@ class Run:
     def _apply_budgets(self) -> None:
         loop = self.loop
         step_n, loop_n, all_duration = self._arguments
-        n = len(loop.steps)
-        started = sum(1 for li in range(loop.loop_idx) if loop.step_idx[li] < n)
-        loop.step_n, loop.loop_n = carry_budgets(
-            loop.step_n, loop.loop_n, started, step_n=step_n, loop_n=loop_n
-        )
+        loop.step_n, loop.loop_n = carry_budgets(loop, step_n=step_n, loop_n=loop_n)
         if all_duration is not None and not loop.timer.started:
             loop.timer.reset(all_duration)
         self.budget = StepBudget(loop.step_n)
@@ -155,7 +151,7 @@ class Run:
                     self.last_snapshot = await restorer.restore(loop, *end.withdraw)
                     n = len(loop.steps)
                     self.loops_completed = {
-                        li for li in self.loops_completed if loop.step_idx[li] >= n
+                        li for li in self.loops_completed if loop.step_idx.get(li, 0) >= n
                     }
                 elif end.restart:
                     log.warning("LoopResumeError: every in-flight step stopped; starting again")

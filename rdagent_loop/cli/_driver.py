@@ -123,19 +123,10 @@ def require_backend(backend: str) -> None:
             ) from None
 
 
-def run_budgets(loop: LoopBase, options: RunOptions) -> tuple[int | None, int | None]:
-    """The ``(step_n, loop_n)`` the run will start with: the command line's, or what a
-    resumed session saved (the engine's own rule, :func:`carry_budgets`)."""
-    n = len(loop.steps)
-    started = sum(1 for li in range(loop.loop_idx) if loop.step_idx.get(li, 0) < n)
-    return carry_budgets(
-        loop.step_n, loop.loop_n, started, step_n=options.step_n, loop_n=options.loop_n
-    )
-
-
 def run_with_display(loop: LoopBase, options: RunOptions, *, debug: bool) -> int:
     """Run ``loop`` with a live display; report how it ended; return the exit status."""
-    step_n, loop_n = run_budgets(loop, options)
+    # the budgets the run starts with, by the engine's own rule: for the display's totals
+    step_n, loop_n = carry_budgets(loop, step_n=options.step_n, loop_n=options.loop_n)
     interactive = sys.stderr.isatty() and not options.no_progress
     display = LiveDisplay(
         loop,

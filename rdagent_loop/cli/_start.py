@@ -154,9 +154,7 @@ def resume(
         + (f"; time left {format_seconds(remain.total_seconds())}" if remain is not None else "")
     )
     # the budgets the engine will run with: the saved ones, or the command line's
-    step_n, loop_n = carry_budgets(
-        loop.step_n, loop.loop_n, len(unfinished), step_n=options.step_n, loop_n=options.loop_n
-    )
+    step_n, loop_n = carry_budgets(loop, step_n=options.step_n, loop_n=options.loop_n)
     if not unfinished and step_n is None and not loop_n:
         click.echo(
             "  the session has run all its loops: pass --loop-n N to run N more, as in "
