@@ -6,6 +6,7 @@ from ._errors import LoopError as LoopError
 from ._errors import LoopResumeError as LoopResumeError
 from ._errors import LoopTerminationError as LoopTerminationError
 from ._errors import RemoteStepError as RemoteStepError
+from ._errors import SessionBusyError as SessionBusyError
 from ._errors import SnapshotError as SnapshotError
 from ._errors import SnapshotWarning as SnapshotWarning
 from ._errors import StepTimeoutError as StepTimeoutError
@@ -38,6 +39,7 @@ __all__ = (
     "ResultStream",
     "RunStatistics",
     "RunSummary",
+    "SessionBusyError",
     "SnapshotError",
     "SnapshotInfo",
     "SnapshotWarning",

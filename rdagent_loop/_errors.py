@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal as signals
+from pathlib import Path
 
 
 class LoopError(Exception):
@@ -27,6 +28,26 @@ class StepTimeoutError(LoopError, TimeoutError):
         super().__init__(f"step {step_name!r} ran past its timeout of {timeout:g}s")
         self.step_name = step_name
         self.timeout = timeout
+
+
+class SessionBusyError(LoopError):
+    """Another run holds the session's lock: one run per session.
+
+    ``folder`` is the session folder, ``pid`` the process that holds it (``None`` when it
+    could not be read).
+    """
+
+    def __init__(self, folder: Path, pid: int | None) -> None:
+        holder = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(
+            f"session folder {folder} is in use by another run ({holder}); "
+            "wait for it to end, or use another trace_path"
+        )
+        self.folder = Path(folder)
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.folder, self.pid))
 
 
 class SnapshotError(LoopError):

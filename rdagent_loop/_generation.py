@@ -73,15 +73,20 @@ class Generation:
         self._withdraw: tuple[int, BaseException] | None = None
         self._restart = False
         self._scope = anyio.CancelScope()
+        self.running = False  # inside run_until_done: a failure can still end it
 
     async def run_until_done(self, deadline: float) -> GenerationEnd:
         """Run loops until none is left to run or something ends the generation."""
-        with self._handed, self._loops:  # closed however the generation ends
-            async with anyio.create_task_group() as tg:
-                self._scope = tg.cancel_scope
-                if self.run.settings.grace_period > 0 and math.isfinite(deadline):
-                    await tg.start(self.run.watch_grace, deadline)
-                await tg.start(self._kickoff, tg)
+        self.running = True
+        try:
+            with self._handed, self._loops:  # closed however the generation ends
+                async with anyio.create_task_group() as tg:
+                    self._scope = tg.cancel_scope
+                    if self.run.settings.grace_period > 0 and math.isfinite(deadline):
+                        await tg.start(self.run.watch_grace, deadline)
+                    await tg.start(self._kickoff, tg)
+        finally:
+            self.running = False
         return self.outcome()
 
     def outcome(self) -> GenerationEnd:

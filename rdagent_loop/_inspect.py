@@ -72,12 +72,11 @@ def newest_snapshot(
     """
     skipped: dict[Path, str] = {}
     try:
-        snapshot, _ = newest_valid(
-            (s.path for s in snapshots),
+        snapshot = newest_valid(
             paths.session_folder,
             signing_key(LoopSettings().signing_key),
             on_skip=lambda path, exc: skipped.setdefault(path, str(exc)),
-        )
+        ).snapshot
     except FileNotFoundError:
         snapshot = None
     listing = [

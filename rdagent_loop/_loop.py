@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from array import array
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -12,11 +10,11 @@ from . import _session
 from ._budget import Timer, check_count, parse_duration
 from ._current import run_of
 from ._errors import LoopResumeError, LoopTerminationError
-from ._finished import FinishedLoops, LoopMap, archive_finished
 from ._handle import LoopRun
+from ._loops import LoopMap, no_value
 from ._results import LoopTrace
+from ._session._lock import SessionLock
 from ._settings import LoopSettings
-from ._step_index import StepIndex
 from ._steps import collect_steps
 
 log = logging.getLogger("rdagent_loop")
@@ -24,29 +22,10 @@ log = logging.getLogger("rdagent_loop")
 L = TypeVar("L", bound="LoopBase")
 
 # attributes that belong to a live run, never to a snapshot
-_RUNTIME_ATTRS = frozenset({"_running", "_snapshot_index", "_snapshot_cache", "_snapshot_unsigned"})
+_RUNTIME_ATTRS = frozenset({"_running", "_saved", "_snapshot_unsigned", "_finished_below"})
 
 # what a withdraw keeps of the live loop when it takes a restored snapshot's state
 _LIVE_ATTRS = ("timer", "settings", "session_folder", "step_n", "_running")
-
-# self-contained attributes that rarely change: pickled again only when they do
-_CONSTANT_ATTRS = ("settings", "session_folder", "_finished")
-
-
-# the engine's own attributes, pickled after the user's (see __getstate__)
-_ENGINE_ATTRS = (
-    "settings",
-    "session_folder",
-    "loop_n",
-    "step_n",
-    "loop_idx",
-    "timer",
-    "_finished",
-    "step_idx",
-    "withdraw_base",
-    "loop_trace",
-    "loop_prev_out",
-)
 
 
 class LoopMeta(type):
@@ -101,18 +80,17 @@ class LoopBase(metaclass=LoopMeta):
         # a misspelt step name in a per-step setting is an error here, not silently ignored
         self.settings.check_step_names(type(self).__name__, self.steps)
         self.loop_idx = 0  # the loop being kicked off; advances when its first step completes
-        # loop -> next step to run: a defaultdict(int) that pickles fast however many loops
-        self.step_idx: defaultdict[int, int] = StepIndex()
-        # finished loops' outputs and traces live on disk, loaded on access (see _finished.py)
-        self._finished = FinishedLoops(Path(self.settings.trace_path) / "__session__")
-        self.loop_prev_out: LoopMap[dict[str, Any]] = LoopMap(dict, "prev_out", self._finished)
-        self.loop_trace: LoopMap[list[LoopTrace]] = LoopMap(list, "trace", self._finished)
+        # per loop: the next step to run, the outputs so far, the trace (defaultdicts that
+        # note what changed, so that a snapshot saves only that: see _loops.py)
+        self.step_idx: LoopMap[int] = LoopMap(int)
+        self.loop_prev_out: LoopMap[dict[str, Any]] = LoopMap(dict)
+        self.loop_trace: LoopMap[list[LoopTrace]] = LoopMap(list)
         self.session_folder = Path(self.settings.trace_path) / "__session__"
         self.timer = Timer()
         self.loop_n: int | None = None  # loops still to admit
         self.step_n: int | None = None  # steps still to complete
         # loop -> the snapshot (relative to session_folder) a withdraw of that loop restores
-        self.withdraw_base: dict[int, str | None] = {}
+        self.withdraw_base: LoopMap[str | None] = LoopMap(no_value)
         self._running = False  # a run() is consuming this loop: one at a time
 
     # -- the steps ------------------------------------------------------------------------
@@ -127,7 +105,20 @@ class LoopBase(metaclass=LoopMeta):
 
     def get_unfinished_loop_cnt(self, next_loop: int) -> int:
         """How many loops below ``next_loop`` are started but not finished (RD-Agent's API)."""
-        return sum(1 for li in range(next_loop) if self.step_idx.get(li, 0) < len(self.steps))
+        n = len(self.steps)
+        steps = self.step_idx
+        if not isinstance(steps, LoopMap):  # replaced by the application: count them all
+            return sum(1 for li in range(next_loop) if steps.get(li, 0) < n)
+        # loops below the mark are all finished: RD-Agent's kickoff asks at every loop, and
+        # counting from 0 each time made a 10,000-loop run quadratic
+        mark = self.__dict__.get("_finished_below", 0)
+        lowest = steps.take_lowest_write()
+        if lowest is not None and lowest < mark:
+            mark = lowest
+        while steps.peek(mark, 0) >= n:
+            mark += 1
+        self.__dict__["_finished_below"] = mark
+        return sum(1 for li in range(mark, next_loop) if steps.peek(li, 0) < n)
 
     async def wait_for_capacity(self) -> None:
         """Wait until fewer than ``max_parallel`` loops below ``loop_idx`` are unfinished.
@@ -183,34 +174,24 @@ class LoopBase(metaclass=LoopMeta):
 
         The state is captured (pickled into memory) before this returns, so an override may
         drop a big attribute, call ``super().dump(path)`` and put it back. During a run the
-        bytes reach the disk a moment later, in order, from the run's snapshot writer (drained
-        before ``run()`` returns); outside a run they are written before this returns.
-        So a crash may lose the last few snapshots, whose results may have been streamed
-        already: those steps run again on resume. Finished loops' outputs are written once,
-        beside their steps, and not again.
+        bytes reach the disk a moment later, in order, from the run's snapshot writer, and
+        the step's result is delivered only then; outside a run they are written before this
+        returns. Only what changed since the last snapshot is written (see docs/sessions.md).
         """
-        if not isinstance(path, Path):
-            path = Path(path)
         settings = self.settings
-        outputs = self._archive_finished()
-        store = _session.store_for(path)
-        try:
-            job = _session.make_job(
-                self,
-                path,
-                durability=settings.durability,
-                key=_session.signing_key(settings.signing_key),
-                index=None if store is None else self._chunk_index(store),
-                outputs=outputs,
-                constants=self._snapshot_constants(),
-            )
-        except BaseException:
-            if outputs:  # archived already: their files must exist whatever happens here
-                _session.SnapshotJob(None, "", None, None, settings.durability, None, outputs).run()
-            raise
+        job = _session.make_job(
+            self,
+            path,
+            durability=settings.durability,
+            key=_session.signing_key(settings.signing_key),
+        )
         run = run_of(self)
         if run is None or not run.writer.submit(job):
-            job.run()
+            try:
+                job.run()
+            except BaseException:
+                job.failed()
+                raise
 
     @classmethod
     def load(
@@ -220,15 +201,16 @@ class LoopBase(metaclass=LoopMeta):
         replace_timer: bool = True,
         settings: LoopSettings | None = None,
     ) -> L:
-        """Load a snapshot file, or the newest valid snapshot of a session folder.
+        """Load a step file, or the newest valid step file of a session folder.
 
-        Everything is verified before anything is unpickled: the header, the signature (with
-        ``settings.signing_key``, else the key of ``LoopSettings()``, i.e. the environment),
-        the checksums, and the class (``cls`` or a subclass). A broken newest snapshot is
-        skipped with a :class:`SnapshotWarning`. ``checkout=True`` deletes the snapshots
-        written after the loaded one; ``checkout=<path>`` continues in
-        ``<path>/__session__`` and leaves the old folder as it is. ``replace_timer=True``
-        keeps the remaining time of ``all_duration``; ``False`` starts with a fresh timer.
+        Everything is verified before anything is unpickled: the manifest, the signature
+        (with ``settings.signing_key``, else the key of ``LoopSettings()``, i.e. the
+        environment), the checksums of the file and of all it points at, and the class
+        (``cls`` or a subclass). A broken newest snapshot is skipped with a
+        :class:`SnapshotWarning`. ``checkout=True`` deletes the snapshots written after the
+        loaded one; ``checkout=<path>`` continues in ``<path>/__session__`` and leaves the
+        old folder as it is. ``replace_timer=True`` keeps the remaining time of
+        ``all_duration``; ``False`` starts with a fresh timer.
         """
         # absolute: steps that change the working directory must still find the session
         path = Path(path).absolute()
@@ -238,15 +220,13 @@ class LoopBase(metaclass=LoopMeta):
         key = _session.signing_key(given.signing_key)
         folder: Path | None
         if path.is_file():
-            snapshot = _session.read_snapshot(path, key)
-            pieces = snapshot.read_pieces()
-            folder = path.parent.parent if _session.store_for(path) is not None else None
+            verified = _session.read_snapshot(path, key).verify()
+            folder = path.parent.parent if _session.session_for(path) is not None else None
         else:
             folder = _session.session_folder_of(path)
-            files = [file for file, *_ in _session.snapshot_files(folder)]
-            snapshot, pieces = _session.newest_valid(files, folder, key)
-        loop: L = snapshot.rebuild(cls, pieces)
-        file = snapshot.path
+            verified = _session.newest_valid(folder, key)
+        loop: L = verified.build(cls)
+        file = verified.snapshot.path
         if settings is not None:
             loop.settings = settings
         elif key is not None:  # keep signing what this loop writes from now on
@@ -256,19 +236,23 @@ class LoopBase(metaclass=LoopMeta):
         if checkout is True:
             if folder is None:
                 raise ValueError(f"checkout=True needs a snapshot inside a session, not {path}")
-            deleted = _session.truncate_after(folder, file)
+            lock = SessionLock(folder)  # never under a running run's feet
+            lock.acquire()
+            try:
+                deleted = _session.truncate_after(folder, file)
+            finally:
+                lock.release()
             if deleted:
                 log.info("checkout of %s deleted %d later snapshots", file, len(deleted))
         if checkout is True or checkout is False:
             if folder is not None:
                 loop._move_to(folder)
-                loop._seed_index(snapshot)
             return loop
         new_folder = Path(checkout) / "__session__"
-        loop._finished.copy_to(new_folder, loop.settings.durability)
         loop._move_to(new_folder)
         if folder is not None:
-            # the fork holds its starting point, so it can be loaded before its first step
+            # the fork holds its starting point (all of it: its store starts empty), so it
+            # can be loaded before its first step
             loop.dump(new_folder / file.parent.name / file.name)
         return loop
 
@@ -280,81 +264,23 @@ class LoopBase(metaclass=LoopMeta):
         self.__dict__.clear()
         self.__dict__.update(state)
 
-    def _archive_finished(self) -> list[_session.OutputsBlob]:
-        """Hand finished loops' outputs to the archive (each is written once)."""
-        archive = self.__dict__.get("_finished")
-        maps = [self.__dict__.get("loop_prev_out"), self.__dict__.get("loop_trace")]
-        if not isinstance(archive, FinishedLoops) or not all(isinstance(m, LoopMap) for m in maps):
-            return []
-        n = len(self.steps)
-        outputs = archive_finished(archive, maps, lambda li: self.step_idx.get(li, 0) >= n)  # type: ignore[arg-type]
-        bases = self.__dict__.get("withdraw_base")
-        if isinstance(bases, dict):  # only a loop in flight can be withdrawn
-            for blob in outputs:
-                bases.pop(blob.loop_idx, None)
-        return outputs
-
-    def _snapshot_constants(self) -> dict[str, tuple[Any, Any, bytes]]:
-        cache = self.__dict__.get("_snapshot_cache")
-        if cache is None:
-            cache = {n: (None, None, b"") for n in _CONSTANT_ATTRS}
-            self.__dict__["_snapshot_cache"] = cache
-        constants: dict[str, tuple[Any, Any, bytes]] = cache
-        return constants
-
-    def _chunk_index(self, store: Path) -> _session.ChunkIndex:
-        index = self.__dict__.get("_snapshot_index")
-        if not isinstance(index, _session.ChunkIndex) or (
-            index.store is not store and index.store != store
-        ):
-            index = self.__dict__["_snapshot_index"] = _session.ChunkIndex(store)
-        return index
-
-    def _seed_index(self, snapshot: _session.Snapshot) -> None:
-        """Start the chunk index from a snapshot just read: its chunks are known good."""
-        if snapshot.store is not None:
-            self._chunk_index(snapshot.store).seed(*snapshot.index_seed())
-
     def _move_to(self, session_folder: Path) -> None:
         self.session_folder = session_folder
         self.settings = self.settings.model_copy(update={"trace_path": session_folder.parent})
-        archive = self.__dict__.get("_finished")
-        if isinstance(archive, FinishedLoops):
-            archive.folder = session_folder
 
     def __getstate__(self) -> dict[str, Any]:
-        # the user's attributes first, the engine's (which change at every step) last: a
-        # snapshot's chunks then stay the same where the user's state did not change
         own = self.__dict__
-        state = {k: v for k, v in own.items() if k not in _RUNTIME_ATTRS and k not in _ENGINE_ATTRS}
-        state.update((k, own[k]) for k in _ENGINE_ATTRS if k in own)
+        state = {k: v for k, v in own.items() if k not in _RUNTIME_ATTRS}
         settings = state.get("settings")
         if isinstance(settings, LoopSettings) and settings.signing_key is not None:
-            # never save the key; the same copy each time, so it is pickled only once
+            # never save the key; the same copy each time, so it pickles to the same bytes
             unsigned = own.get("_snapshot_unsigned")
             if unsigned is None or unsigned[0] is not settings:
                 unsigned = (settings, settings.model_copy(update={"signing_key": None}))
                 own["_snapshot_unsigned"] = unsigned
             state["settings"] = unsigned[1]
-        steps = state.get("step_idx")
-        if isinstance(steps, StepIndex):
-            steps.seal(len(self.steps))  # finished loops: packed, pickled as the same pages
-        elif isinstance(steps, defaultdict) and list(steps) == list(range(len(steps))):
-            # a plain defaultdict set by the user, loops 0..n-1: one array, in one piece
-            state["step_idx"] = array("q", steps.values())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._running = False
-        steps = state.get("step_idx")
-        if isinstance(steps, array):
-            self.step_idx = StepIndex(enumerate(steps))
-        elif type(steps) is defaultdict and steps.default_factory is int:
-            self.step_idx = StepIndex(steps)
-        archive = state.get("_finished")
-        if isinstance(archive, FinishedLoops):
-            for name in ("loop_prev_out", "loop_trace"):
-                mapping = state.get(name)
-                if isinstance(mapping, LoopMap):
-                    mapping.attach(archive)

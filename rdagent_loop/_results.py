@@ -73,24 +73,16 @@ class LoopTrace:
     exception: str | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # a frozen slots dataclass otherwise pickles through a Python-level __getstate__,
-        # and a snapshot holds one of these per completed step of every loop in flight;
-        # UTC times (the engine's) pickle as integer microseconds, several times faster
-        start, end, rest = self.start, self.end, (self.step_idx, self.step_name, self.exception)
-        if start.tzinfo is timezone.utc and end.tzinfo is timezone.utc:
-            return (_utc_trace, (_microseconds(start), _microseconds(end), *rest))
-        return (LoopTrace, (start, end, *rest))
+        # a frozen slots dataclass otherwise pickles through a Python-level __getstate__
+        return (LoopTrace, (self.start, self.end, self.step_idx, self.step_name, self.exception))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 
 
-def _microseconds(moment: datetime) -> int:
-    return (moment - _EPOCH) // _MICROSECOND
-
-
 def _utc_trace(start: int, end: int, *rest: Any) -> LoopTrace:
+    """How rdagent_loop 0.1 pickled a ``LoopTrace`` (its sessions still refer to it)."""
     return LoopTrace(
         _EPOCH + timedelta(microseconds=start), _EPOCH + timedelta(microseconds=end), *rest
     )

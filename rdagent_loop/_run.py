@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from ._budget import StepBudget, carry_budgets
@@ -26,7 +27,8 @@ from ._generation import Generation, GenerationEnd
 from ._logging import log
 from ._outlet import ResultOutlet
 from ._results import RunSummary, StepResult, StopReason
-from ._session import SnapshotWriter
+from ._session import SnapshotWriter, remove_orphans
+from ._session._lock import SessionLock
 from ._step_limit import StepLimit
 from ._withdraw import Restorer
 
@@ -72,6 +74,9 @@ class Run:
         # without snapshots nothing is written: no writer process is started
         writer_mode = settings.snapshot_writer if settings.save_snapshots else "thread"
         self.writer = SnapshotWriter(mode=writer_mode)
+        self.writer.on_failure = self._writer_failed
+        # one run per session: held from the start until the writer has finished
+        self.session_lock = SessionLock(loop.session_folder) if settings.save_snapshots else None
         self.generation: Generation | None = None
         self.steps_completed = 0
         self.loops_completed: set[int] = set()  # in this run (and not rolled back)
@@ -112,17 +117,36 @@ class Run:
         loop = self.loop
         token = current_run.set(self)
         try:
+            if self.session_lock is not None:  # before anything is written or any step runs
+                await anyio.to_thread.run_sync(self._take_session)
             self._apply_budgets()
             restorer = Restorer(loop, self.writer if self.settings.save_snapshots else None)
             async with self.writer, self.runner:
                 reason = await self._run_generations(restorer)
         finally:
+            if self.session_lock is not None:
+                self.session_lock.release()
             current_run.reset(token)
             loop.timer.disarm()
             self.outlet.engine_done()
         summary = RunSummary(self.steps_completed, len(self.loops_completed), reason)
         log.info("run ended: %s", summary)
         return summary
+
+    def _writer_failed(self, error: BaseException) -> None:
+        """A snapshot could not be written: its step and every later one will never be
+        delivered, so the run fails now (steps waiting for room in the stream included)."""
+        generation = self.generation
+        if generation is not None and generation.running and self.writer.take_error() is error:
+            generation.fail(error)
+
+    def _take_session(self) -> None:
+        """Lock the session, then remove what a killed run left half written (blocking)."""
+        assert self.session_lock is not None
+        self.session_lock.acquire()
+        removed = remove_orphans(self.loop.session_folder)
+        if removed:
+            log.info("removed %d files a killed run had left half written", removed)
 
     def _apply_budgets(self) -> None:
         loop = self.loop
@@ -212,19 +236,26 @@ class Run:
         loop.step_n = self.budget.remaining
         self.steps_completed += 1
         if loop_done:
+            loop.withdraw_base.pop(li, None)  # only a loop in flight can be withdrawn
             self.loops_completed.add(li)
             self._notify_loop_finished()
-        if self.settings.save_snapshots:
-            path = self._loop_folder(li, finished=loop_done) / f"{result.step_idx}_{name}"
-            try:
-                loop.dump(path)
-            except Exception as error:
-                self.outlet.cancel_reservation()
-                add_note(error, f"while saving the snapshot {path} after loop {li} step {name!r}")
-                raise
-            self.last_snapshot = f"{li}/{result.step_idx}_{name}"
+        if not self.settings.save_snapshots:
+            self._deliver(result)
+            return
+        path = self._loop_folder(li, finished=loop_done) / f"{result.step_idx}_{name}"
+        try:
+            loop.dump(path)
+        except Exception as error:
+            self.outlet.cancel_reservation()
+            add_note(error, f"while saving the snapshot {path} after loop {li} step {name!r}")
+            raise
+        self.last_snapshot = f"{li}/{result.step_idx}_{name}"
+        # durable before delivered: the consumer sees the step once its snapshot is on disk
+        self.writer.then(lambda: self._deliver(result))
+
+    def _deliver(self, result: StepResult) -> None:
         self.outlet.deliver(result)
-        log.info("%s", result, extra={"loop_idx": li, "step_name": name})
+        log.info("%s", result, extra={"loop_idx": result.loop_idx, "step_name": result.step_name})
 
     def _loop_folder(self, li: int, *, finished: bool) -> Path:
         """``<session>/<li>``, built once per loop: pathlib's joins are slow."""

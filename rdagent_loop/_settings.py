@@ -81,7 +81,8 @@ class LoopSettings(BaseSettings):
 
     snapshot_writer: Literal["auto", "process", "thread"] = "auto"
     """Who writes snapshots during a run: a writer ``process`` (in parallel with the event
-    loop), a ``thread`` of this process, or ``auto``: the process on Linux, else the thread."""
+    loop), a ``thread`` of this process, or ``auto``: the process where one can start
+    (``sys.executable`` is a Python interpreter), else the thread."""
 
     signing_key: SecretStr | None = None
     """With a key, snapshots carry an HMAC and unsigned or mis-signed files are refused."""

@@ -38,7 +38,7 @@ class Restorer:
     async def restore(self, loop: LoopBase, loop_idx: int, error: BaseException) -> str | None:
         """Put ``loop`` back where it was before loop ``loop_idx`` started; return the
         snapshot restored (relative to the session folder), or None for the run's start."""
-        base = loop.withdraw_base.get(loop_idx)
+        base: str | None = loop.withdraw_base.get(loop_idx)
         restored: LoopBase | None = None
         if base is not None and self._writer is not None:
             path = loop.session_folder / base

@@ -33,6 +33,22 @@ def virtual_clock_params() -> list[Any]:
     ]
 
 
+async def run_cancelled_after(loop: LoopBase, seconds: float, **budgets: Any) -> None:
+    """Run ``loop``, cancelled from outside ``seconds`` after its first step started.
+
+    Not after the call: a run takes its session's lock in a worker thread before any step,
+    and a virtual clock jumps while a real thread works, past a deadline already set.
+    """
+    run = loop.run(**budgets)
+    with anyio.CancelScope() as scope:
+        async with run as results:
+            while not run.statistics().steps_running:
+                await anyio.sleep(0.001)
+            scope.deadline = anyio.current_time() + seconds
+            async for _ in results:
+                pass
+
+
 class CoderError(Exception):
     """A skip error: the loop jumps ahead to its skip target."""
 

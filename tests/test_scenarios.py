@@ -14,7 +14,15 @@ from typing import Any
 import anyio
 import pytest
 import trio
-from looplib import Chain, CoderError, PolicyError, RDLoop, SyncChain, virtual_clock_params
+from looplib import (
+    Chain,
+    CoderError,
+    PolicyError,
+    RDLoop,
+    SyncChain,
+    run_cancelled_after,
+    virtual_clock_params,
+)
 
 from rdagent_loop import LoopBase, LoopSettings, RunSummary
 
@@ -503,8 +511,8 @@ async def test_23_a_cancelled_step_is_not_marked_done(settings: LoopSettings) ->
     # the thread writer: a run waits for a writer process to start, and a virtual clock
     # jumps while it waits on a real process (past this test's 2.5 s)
     loop = Chain(settings.model_copy(update={"snapshot_writer": "thread"}), delay=1)
-    with anyio.move_on_after(2.5):  # s0 ends at 1 s, s1 at 2 s; s2 is cancelled half-way
-        await loop.run(loop_n=1)
+    # s0 ends at 1 s, s1 at 2 s; s2 is cancelled half-way (the 2.5 s count from s0's start)
+    await run_cancelled_after(loop, 2.5, loop_n=1)
     assert loop.step_idx[0] == 2
     assert [p.name for p in snapshot_files(loop)] == ["0_s0", "1_s1"]
     await loop.run()

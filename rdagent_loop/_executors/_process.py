@@ -50,6 +50,7 @@ import psutil
 from .._compat import add_note
 from .._errors import WorkerCrashedError
 from .._pipes import grow_pipe
+from .._session._blobs import Blobs, dumps
 from .._session._capture import without_tearing
 from . import _wire, _worker
 from ._base import StepCall
@@ -110,6 +111,7 @@ class _Worker:
         self._outbox: list[bytes | memoryview] = [_wire.HEADER.pack(len(prep)), prep]
         self._reader = _wire.FrameReader()
         self.ready = False  # it has imported the application (its first frame says so)
+        self.blobs: set[str] = set()  # the blobs it holds (see ProcessExecutor._pickle_task)
         self.closed = False
         # now, so the worker imports the main module while no step waits for it; a worker
         # that died already is found out by the first request
@@ -228,6 +230,7 @@ class ProcessExecutor:
         self._dying: list[_Worker] = []
         self._prep: bytes | None = None
         self._lifeline: tuple[int, int] | None = None
+        self._blobs = Blobs()
 
     async def run(self, call: StepCall) -> Any:
         if self._slots is None:
@@ -235,18 +238,19 @@ class ProcessExecutor:
         async with self._slots:
             call.timing.restart()  # waiting for a free worker is not the step's time
             self._reap()
+            if not self._idle:
+                self._fill()
+            worker = self._idle.pop()
             try:
-                task = _pickle_task(call)
+                task = self._pickle_task(call, worker)
             except Exception as exc:
+                self._idle.append(worker)
                 add_note(
                     exc,
                     f"while sending {call.describe()} to a worker process: the loop object "
                     "and prev_out must be picklable",
                 )
                 raise
-            if not self._idle:
-                self._fill()
-            worker = self._idle.pop()
             self._busy += 1
             healthy = False
             try:
@@ -276,6 +280,18 @@ class ProcessExecutor:
             raise WorkerCrashedError(
                 call.name, call.loop_idx, worker.pid, None, None, reason=str(exc)
             ) from None
+
+    def _pickle_task(self, call: StepCall, worker: _Worker) -> _wire.Chunks:
+        """Pickle ``(bound method, prev_out)`` with large ``bytes`` by reference (as
+        snapshots store them), plus the blobs ``worker`` does not hold yet: an unchanged
+        10 MB attribute crosses to each worker once, not at every step. If a ``thread`` step
+        changing ``self`` meanwhile tore the copy ("dictionary changed size during
+        iteration"), pickle it again with other threads held off, as snapshots are."""
+        data, found = without_tearing(lambda: dumps((call.func, call.prev_out), self._blobs))
+        self._blobs.forget_unseen()
+        new = {sha: blob for sha, blob in found.items() if sha not in worker.blobs}
+        worker.blobs = set(found)  # the worker keeps what this task uses, and nothing else
+        return _wire.pickle_chunks((new, data))
 
     def prestart(self) -> None:
         """Start the workers now (the run is starting), so they import while the first,
@@ -323,13 +339,6 @@ class ProcessExecutor:
                 self._reap()
         for worker in self._dying:
             log.warning("process pool: worker %d did not exit after SIGKILL", worker.pid)
-
-
-def _pickle_task(call: StepCall) -> _wire.Chunks:
-    """Pickle ``(bound method, prev_out)``; if a ``thread`` step changing ``self`` meanwhile
-    tore the copy ("dictionary changed size during iteration"), pickle it again with other
-    threads held off, as snapshots are."""
-    return without_tearing(lambda: _wire.pickle_chunks((call.func, call.prev_out)))
 
 
 def _descendants(pid: int) -> list[int]:

@@ -26,6 +26,7 @@ import threading
 import traceback
 from typing import Any
 
+from .._session._blobs import loads
 from . import _wire
 
 MAIN_GUARD = (
@@ -96,9 +97,12 @@ def _prepare(data: dict[str, Any]) -> bytes | None:
         multiprocessing.spawn.prepare(data)
     except BaseException as exc:  # the script's own error, SystemExit included
         script = data.get("init_main_from_path") or data.get("init_main_from_name") or "?"
+        from .._errors import SessionBusyError
+
+        # a run started by that import stops at the pool, or before, at the session's lock
         what = (
             "started a run"
-            if _nested_run
+            if _nested_run or isinstance(exc, SessionBusyError)
             else f"raised {type(exc).__name__}: {' '.join(str(exc).split())}"
         )
         reason = (
@@ -111,9 +115,22 @@ def _prepare(data: dict[str, Any]) -> bytes | None:
     return None
 
 
+_blobs: dict[str, bytes] = {}  # large bytes the parent sent once (see _process._pickle_task)
+
+
 def _run(task: bytearray, region: _wire.SharedRegion | None) -> bytes:
+    global _blobs
     try:
-        func, prev_out = _wire.load_task(task, region)
+        new, data = _wire.load_task(task, region)
+        held = _blobs = {**_blobs, **new}  # a superset of what the parent thinks, if it fails
+        used: dict[str, bytes] = {}
+
+        def blob(sha: str, size: int) -> bytes:
+            used[sha] = held[sha]
+            return held[sha]
+
+        func, prev_out = loads(data, blob)
+        _blobs = used  # what the parent now thinks this worker holds
     except Exception as exc:
         if isinstance(exc, AttributeError) and any(m in str(exc) for m in _MAIN_NAMES):
             reason = (

@@ -100,23 +100,36 @@ def write_atomic(
     *,
     sync_dir: bool = True,
     make_dir: bool = False,
+    tmp_dir: str | None = None,
+    if_absent: bool = False,
     fsync: Fsync = os.fsync,
 ) -> int:
     """Write the concatenation of ``parts`` to ``path`` atomically; return the bytes written.
 
     ``sync_dir=False`` leaves the folder's fsync to the caller (one for many files);
-    ``make_dir=True`` creates the folder if it is missing. Strings, not ``Path`` objects,
-    inside: this runs once per snapshot, and every system call here hands the GIL over.
+    ``make_dir=True`` creates the folder if it is missing. The temporary file is made in
+    ``tmp_dir`` (on the same file system), else beside ``path``: a session keeps its own in
+    ``.tmp``, so a loop folder never holds anything but step files. Strings, not ``Path``
+    objects, inside: this runs once per snapshot, and every system call here hands the GIL over.
+    ``if_absent=True`` (files named by their content) leaves a file of the same size there as
+    it is: its time of writing then still says which snapshot wrote it (``remove_orphans``).
     """
     target = os.fspath(path)
     folder = os.path.dirname(target) or os.curdir
+    if if_absent:
+        try:
+            if os.stat(target).st_size == sum(map(len, parts := list(parts))):
+                return 0
+        except FileNotFoundError:
+            pass
+    scratch = tmp_dir or folder
     try:
-        tmp, fd = _create(folder)
+        tmp, fd = _create(scratch)
     except FileNotFoundError:
         if not make_dir:
             raise
-        ensure_dir(folder, durability, fsync)
-        tmp, fd = _create(folder)
+        ensure_dir(scratch, durability, fsync)
+        tmp, fd = _create(scratch)
     written = 0
     try:
         try:
@@ -130,7 +143,13 @@ def write_atomic(
                 fsync(fd)
         finally:
             os.close(fd)
-        _replace(tmp, target)
+        try:
+            _replace(tmp, target)
+        except FileNotFoundError:
+            if not make_dir or scratch == folder:
+                raise
+            ensure_dir(folder, durability, fsync)  # a new loop's folder
+            _replace(tmp, target)
     except BaseException:
         try:  # noqa: SIM105 (contextlib would slow the writer process's start)
             os.unlink(tmp)
@@ -149,7 +168,16 @@ class FileOp:
     or the writer process. ``done`` is called once the file is on disk.
     """
 
-    __slots__ = ("data", "done", "durability", "make_dir", "path", "sync_dir")
+    __slots__ = (
+        "data",
+        "done",
+        "durability",
+        "if_absent",
+        "make_dir",
+        "path",
+        "sync_dir",
+        "tmp_dir",
+    )
 
     def __init__(
         self,
@@ -159,9 +187,13 @@ class FileOp:
         *,
         sync_dir: bool = True,
         make_dir: bool = False,
+        tmp_dir: str | None = None,
+        if_absent: bool = False,
         done: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
+        self.if_absent = if_absent
+        self.tmp_dir = tmp_dir
         self.data = data
         self.durability = durability
         self.sync_dir = sync_dir
@@ -180,6 +212,8 @@ class FileOp:
                 self.durability,
                 sync_dir=self.sync_dir,
                 make_dir=self.make_dir,
+                tmp_dir=self.tmp_dir,
+                if_absent=self.if_absent,
                 fsync=fsync,
             )
         if self.done is not None:

@@ -1,9 +1,14 @@
 """Taking a snapshot: a consistent picture now, the disk later.
 
-``capture`` runs synchronously in ``dump()``, between steps: it pickles the state into
-memory, one *segment* per attribute, with one pickler so that objects shared between
-attributes stay shared. A ``SnapshotJob`` then does the slow part (cutting into chunks,
-hashing, writing, fsyncing) where the run's snapshot writer has it done, or inline.
+``make_job`` runs synchronously in ``dump()``, between steps. It pickles, into memory,
+each attribute of the loop on its own (a *segment*), and the records of the loops touched
+since the last snapshot (``_pages.py``); large ``bytes`` values are put aside as blobs
+(``_blobs.py``). What the session already holds is not written again: ``Saved`` remembers
+it. A ``SnapshotJob`` then does the slow part (cutting large segments into chunks, hashing,
+writing, fsyncing) where the run's snapshot writer has it done, or inline.
+
+Each attribute is pickled on its own so that an unchanged one gives the same bytes (and
+chunks) every time: two attributes that refer to one object get a copy each after ``load``.
 
 Thread steps may change ``self`` while it is pickled, which used to fail with "dictionary
 changed size during iteration" (RD-Agent #1285). The pickler runs in C, but Python-level
@@ -19,35 +24,29 @@ GIL away (a ``__reduce__`` that sleeps or does I/O), another thread may still ru
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
 import os
 import pickle
 import re
 import sys
 import threading
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path, PurePath
+from typing import Any, TypeVar
 
+from .._loops import PER_LOOP, LoopMap
 from ._atomic import Durability, FileOp
-from ._chunks import INLINE_MAX, SEGMENT_MIN, STORE_NAME, ChunkIndex
-from ._format import clock, encode_header, json_string, qualified_name
-
-if TYPE_CHECKING:
-    from ._atomic import Fsync
+from ._blobs import Blobs, dumps
+from ._chunks import SEGMENT_MIN, STORE_NAME, ChunkIndex
+from ._format import ENGINE_VERSION, FORMAT_VERSION, clock, encode_tail, qualified_name
+from ._pages import LoopPages, NewPage
 
 PROTOCOL = 5
 CAPTURE_ATTEMPTS = 3
 QUIET_INTERVAL = 0.1  # seconds another thread may wait for the GIL during a capture
 
 T = TypeVar("T")
-
-capturing: ContextVar[bool] = ContextVar("rdagent_loop_capturing", default=False)
-"""True while a snapshot is being pickled (objects may leave out what is saved elsewhere)."""
 
 _MUTATED = re.compile(r"(changed|mutated)( size)? during iteration")
 
@@ -100,267 +99,287 @@ def without_tearing(make: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def consistently(make: Callable[[], T]) -> T:
-    """``without_tearing(make)``, with ``capturing`` set: ``make`` pickles a snapshot."""
-    token = capturing.set(True)
-    try:
-        return without_tearing(make)
-    finally:
-        capturing.reset(token)
+@dataclass
+class Saved:
+    """What this process knows its session holds, so that a snapshot writes only what
+    changed. Kept beside the loop object (never in a snapshot); ``load`` seeds it."""
+
+    session: str
+    index: ChunkIndex
+    pages: LoopPages = field(default_factory=LoopPages)
+    blobs: Blobs = field(default_factory=Blobs)
+    valid: bool = True
+    """False once a write failed: what it claims to be stored may not be."""
+    frozen: dict[str, tuple[Any, Segment]] = field(default_factory=dict)
+    """Attribute -> (its immutable value, that value's segment) of the last snapshot."""
+    store: str = ""
+    tmp: str = ""
+    store_synced: bool = False
+
+    def __post_init__(self) -> None:
+        self.store = os.path.join(self.session, STORE_NAME)
+        self.tmp = os.path.join(self.session, TMP_NAME)
 
 
-@dataclass(frozen=True, slots=True)
-class Captured:
-    """A pickled state: one buffer, cut into named segments.
-
-    A segment is ``(name, start, end, own)``; ``own`` segments are pickles of their own
-    (see ``pickle_state``), the others continue one pickler's memo.
-    """
-
-    buffer: memoryview
-    segments: tuple[tuple[str, int, int, bool], ...]
-    whole: bool  # the state is one object, not a dict of attributes
-    largest: int = 0  # bytes in the largest segment
+TMP_NAME = ".tmp"
 
 
-Constants = dict[str, tuple[Any, Any, bytes]]
-"""Attribute name -> (object, its ``snapshot_version``, its pickle) of the last snapshot."""
-
-
-def pickle_state(state: Any, constants: Constants | None = None) -> Captured:
-    """Pickle ``state`` (usually ``obj.__getstate__()``) into segments, one per attribute.
-
-    Attributes named in ``constants`` are self-contained values that change rarely (the
-    settings, a path, the archive of finished loops): each is pickled on its own, and its
-    bytes are reused while it is the same object with the same ``snapshot_version``. Every
-    other attribute continues one pickler's memo, so objects shared between attributes stay
-    shared.
-    """
-    out = io.BytesIO()
-    pickler = pickle.Pickler(out, protocol=PROTOCOL)
-    segments = []
-    largest = 0
-    if isinstance(state, dict) and all(isinstance(k, str) for k in state):
-        for name, value in state.items():
-            start = out.tell()
-            own = constants is not None and name in constants
-            if own:
-                assert constants is not None
-                cached = constants[name]
-                version = getattr(value, "__dict__", {}).get("snapshot_version")
-                if cached[0] is not value or cached[1] != version:
-                    cached = constants[name] = (value, version, pickle.dumps(value, PROTOCOL))
-                out.write(cached[2])
-            else:
-                pickler.dump(value)
-            end = out.tell()
-            segments.append((name, start, end, own))
-            largest = max(largest, end - start)
-        whole = False
-    else:
-        pickler.dump(state)
-        largest = out.tell()
-        segments.append(("", 0, largest, False))
-        whole = True
-    return Captured(out.getbuffer(), tuple(segments), whole, largest)
-
-
-@dataclass(frozen=True, slots=True)
-class OutputsBlob:
-    """The pickled outputs and trace of one finished loop, written once beside its steps."""
-
-    folder: Path  # the session folder
-    loop_idx: int
-    digest: str
-    data: bytes
-    written: Callable[[], None] = lambda: None
-
-
-def outputs_path(folder: Path, loop_idx: int, digest: str) -> Path:
-    """``<session>/<loop>/outputs-<sha256 prefix>``: no ``_``, so never taken for a step file."""
-    return Path(_outputs_file(folder, loop_idx, digest))
-
-
-def _outputs_file(folder: Path, loop_idx: int, digest: str) -> str:
-    # a string: pathlib's joins would cost more than the rest of writing an outputs file
-    return f"{os.fspath(folder)}{os.sep}{loop_idx}{os.sep}outputs-{digest[:16]}"
-
-
-def store_for(path: str | Path) -> Path | None:
-    """The chunk store of a snapshot at ``path``: its session's, if ``path`` follows RD-Agent's
-    layout ``<session>/<loop>/<step>_<name>``; else None (the snapshot holds all its bytes)."""
+def session_for(path: str | Path) -> str | None:
+    """The session folder of a step file at ``path``, if it follows RD-Agent's layout
+    ``<session>/<loop>/<step>_<name>``; else None (the file then holds all its bytes)."""
     text = os.fspath(path)  # pathlib is slow here, and this runs at every snapshot
     if f"{os.sep}." in text or text.endswith(os.sep) or (os.altsep and os.altsep in text):
         text = os.path.normpath(text)  # "..", "." or a trailing slash: the slow way
     folder, _, name = text.rpartition(os.sep)
     step, sep, _ = name.partition("_")
-    return _store_of(folder) if sep and step.isdigit() else None
+    session, _, loop = folder.rpartition(os.sep)
+    return session if sep and step.isdigit() and loop.isdigit() and session else None
 
 
-@functools.lru_cache(maxsize=64)
-def _store_of(loop_folder: str) -> Path | None:
-    session, _, loop = loop_folder.rpartition(os.sep)
-    return Path(session, STORE_NAME) if loop.isdigit() else None
+def saved_of(obj: Any, session: str) -> Saved:
+    """``obj``'s record of what ``session`` holds; a fresh one (every loop touched) if it
+    has none for this session, or a write failed since."""
+    saved = obj.__dict__.get("_saved")
+    if isinstance(saved, Saved) and saved.session == session and saved.valid:
+        return saved
+    saved = Saved(session, ChunkIndex(Path(session, STORE_NAME)))
+    obj.__dict__["_saved"] = saved
+    for name in PER_LOOP:
+        mapping = obj.__dict__.get(name)
+        if isinstance(mapping, LoopMap):
+            mapping.touched.update(mapping)
+    return saved
+
+
+Segment = tuple[str, bytes, dict[str, bytes]]
+"""(attribute name, its pickle, the blobs it refers to)."""
 
 
 @dataclass
 class SnapshotJob:
-    """Everything needed to write one snapshot (and the loop outputs it refers to)."""
+    """Everything needed to write one step file and what it points at."""
 
-    path: Path | None
+    path: str
     cls: str
-    captured: Captured | None
-    index: ChunkIndex | None
+    steps: list[str]
     durability: Durability
     key: bytes | None
-    outputs: list[OutputsBlob] = field(default_factory=list)
+    stub: bytes
+    segments: list[Segment]
+    whole: bool
+    saved: Saved | None = None
+    pages: list[NewPage] = field(default_factory=list)
+    loops: dict[str, Any] | None = None
+    per_loop: list[str] = field(default_factory=list)
+    record_blobs: dict[str, bytes] = field(default_factory=dict)
     written_at: tuple[int, int] = (0, 0)
 
     @property
     def nbytes(self) -> int:
-        size = sum(len(blob.data) for blob in self.outputs)
-        return size + (len(self.captured.buffer) if self.captured is not None else 0)
+        size = sum(len(data) + sum(map(len, blobs.values())) for _, data, blobs in self.segments)
+        return (
+            size + sum(len(p.data) for p in self.pages) + sum(map(len, self.record_blobs.values()))
+        )
 
     @property
     def chunked(self) -> bool:
         """Whether building the files means cutting and hashing large segments (slow work,
         better done off the event loop's thread)."""
-        captured = self.captured
-        return self.index is not None and captured is not None and captured.largest >= SEGMENT_MIN
+        return self.saved is not None and any(len(d) >= SEGMENT_MIN for _, d, _ in self.segments)
 
-    def run(self, fsync: Fsync = os.fsync) -> None:
-        """Write the outputs files, the new chunks, then the snapshot file itself, here."""
+    def run(self, fsync: Callable[[int], None] = os.fsync) -> None:
+        """Write everything here and now."""
         for op in self.operations():
             op.apply(fsync)
 
+    def failed(self) -> None:
+        """A write of this job failed: the store may lack what ``saved`` says it holds."""
+        if self.saved is not None:
+            self.saved.valid = False
+
     def operations(self, done: Callable[[], None] | None = None) -> list[FileOp]:
-        """The files to write, in order: outputs, new chunks, the snapshot file last (with
-        ``done`` as its ``done``). New chunks count as stored from now on."""
-        ops = [outputs_operation(blob, self.durability, self.key) for blob in self.outputs]
-        if self.path is None or self.captured is None:
-            return ops
-        if self.chunked:  # changes the index: built by the writer thread (or inline)
-            assert self.index is not None
-            with self.index.lock:
-                manifest, inline = self._body(self.index, ops)
-        else:  # only names the index: no lock, which the event loop would wait for
-            manifest, inline = self._body(self.index, ops)
-        digest = hashlib.sha256(manifest)
-        for part in inline:
-            digest.update(part)
-        size = len(manifest) + sum(map(len, inline))
-        header = encode_header(
-            "snapshot", self.cls, size, digest.hexdigest(), self.key, self.written_at
-        )
-        data = b"".join([header, manifest, *inline])
-        ops.append(FileOp(os.fspath(self.path), data, self.durability, make_dir=True, done=done))
+        """The files to write, in order: blobs, chunks and pages, then the step file (its
+        ``done`` is ``done``). What they store counts as stored from now on."""
+        ops: list[FileOp] = []
+        saved = self.saved
+        inline: list[bytes | memoryview] = [self.stub]
+        attrs = []
+        for name, data, blobs in self.segments:
+            refs = [[sha, len(b)] for sha, b in blobs.items()]
+            if saved is None or len(data) < SEGMENT_MIN:
+                inline.append(data)
+                attrs.append([name, [[len(data)]], refs])
+                continue
+            pieces = []
+            split, _ = saved.index.split(name, memoryview(unframe(memoryview(data))))
+            for (size, sha), view in split:
+                self._store(ops, sha, view)
+                pieces.append([size, sha])
+            attrs.append([name, pieces, refs])
+        if saved is not None:
+            for _, _, blobs in self.segments:
+                for sha, blob in blobs.items():
+                    self._store(ops, sha, blob)
+            for sha, blob in self.record_blobs.items():
+                self._store(ops, sha, blob)
+            for page in self.pages:
+                self._store(ops, page.sha, page.data)
+            if ops and self.durability == "fsync":
+                # written first, fsynced after: the first fsync commits the others' data
+                # with it, so a 30 MB first snapshot is not 114 fsyncs in a row. A file
+                # left unsynced by a crash here is newer than every step file: the next
+                # run removes it (remove_orphans) before anything can refer to it.
+                ops += [FileOp(op.path, None, "fsync") for op in ops]
+                ops.append(FileOp(saved.store, None, self.durability))
+                if not saved.store_synced:
+                    # once per run: the entries of the store, the session and the trace
+                    # folder (the lock may have created them, without fsync)
+                    saved.store_synced = True
+                    session = os.path.dirname(saved.store)
+                    trace = os.path.dirname(session)
+                    for folder in (session, trace, os.path.dirname(trace) or os.sep):
+                        ops.append(FileOp(folder, None, self.durability))
+        body = b"".join(inline)
+        fields = {
+            "format": FORMAT_VERSION,
+            "engine": ENGINE_VERSION,
+            "cls": self.cls,
+            "steps": self.steps,
+            "written_at_ns": self.written_at[0],
+            "seq": self.written_at[1],
+            "stub_size": len(self.stub),
+            "body_size": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "state": "object" if self.whole else "dict",
+            "attrs": attrs,
+            "per_loop": self.per_loop,
+            "loops": self.loops,
+        }
+        data = body + encode_tail(fields, self.key)
+        tmp = None if saved is None else saved.tmp
+        ops.append(FileOp(self.path, data, self.durability, make_dir=True, tmp_dir=tmp, done=done))
         return ops
 
-    def _body(self, index: ChunkIndex | None, ops: list[FileOp]) -> tuple[bytes, list[memoryview]]:
-        """The manifest line and the inline bytes; new chunks are added to ``ops``."""
-        captured = self.captured
-        assert captured is not None
-        assert self.path is not None
-        segments: list[str] = []  # JSON, written by hand: this runs for every snapshot
-        inline: list[memoryview] = []
-        buffer = captured.buffer
-        all_inline = True
-        new = 0  # chunks written by this snapshot
-        for name, start, end, own in captured.segments:
-            flag = ",1" if own else ""
-            if index is None or end - start < SEGMENT_MIN:
-                segments.append(f"[{json_string(name)},[[{end - start}]]{flag}]")
-                if not all_inline:
-                    inline.append(buffer[start:end])
-                continue
-            if all_inline:  # the segments before this one, in one piece
-                inline.append(buffer[:start])
-                all_inline = False
-            pieces: list[str] = []
-            split, unchanged = index.split(name, memoryview(unframe(buffer[start:end])))
-            last = len(split) - 1
-            for n, ((size, digest), view) in enumerate(split):
-                if digest not in index.known:
-                    if size < INLINE_MAX or (n >= last - 1 and n >= unchanged):
-                        # small, or a new end of the segment (the part most likely to change
-                        # again): kept in this file; stored once it shows up unchanged
-                        inline.append(view)
-                        pieces.append(f"[{size}]")
-                        continue
-                    if index.claim(digest, view):  # else found whole in the store
-                        new += 1
-                        chunk = os.path.join(index.store, digest)
-                        ops.append(
-                            FileOp(chunk, view, self.durability, sync_dir=False, make_dir=True)
-                        )
-                pieces.append(f'[{size},"{digest}"]')
-            segments.append(f"[{json_string(name)},[{','.join(pieces)}]{flag}]")
-        if all_inline:
-            inline.append(buffer)
-        if new and self.durability == "fsync" and index is not None:
-            ops.append(FileOp(os.fspath(index.store), None, self.durability))
-        store = "null" if index is None else f'"../{STORE_NAME}"'  # see store_for()
-        state = "object" if captured.whole else "dict"
-        line = (
-            f'{{"protocol":{PROTOCOL},"state":"{state}","store":{store},'
-            f'"segments":[{",".join(segments)}]}}\n'
-        ).encode()
-        return line, inline
+    def _store(self, ops: list[FileOp], sha: str, data: bytes | memoryview) -> None:
+        saved = self.saved
+        assert saved is not None
+        if sha in saved.index.known:
+            return
+        saved.index.known.add(sha)
+        path = f"{saved.store}{os.sep}{sha}"  # not os.path.join: this runs for every file
+        ops.append(
+            FileOp(
+                path,
+                data,
+                "flush",  # fsynced after the others (see operations)
+                sync_dir=False,
+                make_dir=True,
+                tmp_dir=saved.tmp,
+                if_absent=True,
+            )
+        )
 
 
-def outputs_operation(blob: OutputsBlob, durability: Durability, key: bytes | None) -> FileOp:
-    """Writing one finished loop's outputs file (then ``blob.written`` is called).
+def _segment(saved: Saved, name: str, value: Any) -> Segment:
+    """``value`` pickled; an immutable value that was the same object last time is not
+    pickled again (the settings, a path: ~60% of a tiny step's snapshot, ``benchmarks``)."""
+    cached = saved.frozen.get(name)
+    if cached is not None and cached[0] is value:
+        return cached[1]
+    segment = (name, *dumps(value, saved.blobs))
+    if _immutable(value):
+        saved.frozen[name] = (value, segment)
+    return segment
 
-    Its name holds its hash, so a file already there under that name has the same bytes,
-    or is damaged: replacing it atomically is right either way, and cheaper than reading
-    it first (this runs for every finished loop).
-    """
-    path = _outputs_file(blob.folder, blob.loop_idx, blob.digest)
-    head = encode_header("outputs", f"loop {blob.loop_idx}", len(blob.data), blob.digest, key)
-    return FileOp(path, head + blob.data, durability, make_dir=True, done=blob.written)
+
+def _immutable(value: Any) -> bool:
+    if isinstance(value, (str, int, float, type(None), PurePath)):
+        return True
+    config = getattr(type(value), "model_config", None)  # a frozen pydantic model
+    return isinstance(config, dict) and config.get("frozen") is True
 
 
-def write_outputs(blob: OutputsBlob, durability: Durability, key: bytes | None = None) -> int:
-    """Write one finished loop's outputs file here and now."""
-    return outputs_operation(blob, durability, key).apply()
+class _Stub:
+    """Pickles as a call of ``assemble(path)``: what a plain ``pickle.load`` runs."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from ._reader import assemble
+
+        return (assemble, (self.path,))
 
 
 def make_job(
-    obj: Any,
-    path: Path,
-    *,
-    durability: Durability,
-    key: bytes | None,
-    index: ChunkIndex | None,
-    outputs: list[OutputsBlob],
-    constants: Constants | None = None,
+    obj: Any, path: str | Path, *, durability: Durability, key: bytes | None
 ) -> SnapshotJob:
     """Capture ``obj`` now; the returned job writes it to ``path`` when run."""
-    captured = consistently(lambda: pickle_state(obj.__getstate__(), constants))
-    return SnapshotJob(
-        path=path,
+    target = os.fspath(path)
+    if not os.path.isabs(target):  # the engine's paths are absolute already (no getcwd)
+        target = os.path.abspath(target)
+    session = session_for(target)
+    state = obj.__getstate__()
+    whole = not (isinstance(state, dict) and all(isinstance(k, str) for k in state))
+    saved = None if session is None else saved_of(obj, session)
+    job = SnapshotJob(
+        path=target,
         cls=qualified_name(type(obj)),
-        captured=captured,
-        index=index,
+        steps=list(getattr(type(obj), "steps", ())),
         durability=durability,
         key=key,
-        outputs=outputs,
-        written_at=clock.tick(),
+        stub=pickle.dumps(_Stub(target), protocol=PROTOCOL),
+        segments=[],
+        whole=whole,
+        saved=saved,
     )
+    if saved is None:  # all in the file: plain pickles
+        items = [("", state)] if whole else list(state.items())
+        job.segments = without_tearing(
+            lambda: [(name, pickle.dumps(value, PROTOCOL), {}) for name, value in items]
+        )
+    else:
+        maps: dict[str, LoopMap[Any]] = {}
+        if not whole:
+            state = dict(state)
+            for name in PER_LOOP:
+                if isinstance(state.get(name), LoopMap):
+                    maps[name] = state.pop(name)
+        items = [("", state)] if whole else list(state.items())
+        touched: set[int] = set()
+        for mapping in maps.values():
+            touched |= mapping.take_touched()
+        try:
+            job.segments, records = without_tearing(
+                lambda: (
+                    [_segment(saved, name, value) for name, value in items],
+                    saved.pages.pickle_records(maps, touched, saved.blobs),
+                )
+            )
+        except BaseException:
+            for mapping in maps.values():  # not saved: still to be saved next time
+                mapping.touched |= touched
+            raise
+        steps = maps.get("step_idx")
+        n = len(job.steps)
+        finished = (lambda li: steps.peek(li, 0) >= n) if steps is not None else (lambda li: False)
+        job.pages = saved.pages.commit(records, finished, int(getattr(obj, "loop_idx", 0)))
+        job.record_blobs = saved.pages.take_new_blobs()
+        job.loops = saved.pages.manifest() if maps else None
+        job.per_loop = sorted(maps)
+        saved.blobs.forget_unseen()
+    job.written_at = clock.tick()
+    return job
 
 
 __all__ = (
-    "Captured",
-    "OutputsBlob",
+    "TMP_NAME",
+    "Saved",
     "SnapshotJob",
-    "capturing",
-    "consistently",
     "make_job",
-    "outputs_path",
-    "pickle_state",
-    "store_for",
+    "saved_of",
+    "session_for",
     "without_tearing",
-    "write_outputs",
 )
 
 

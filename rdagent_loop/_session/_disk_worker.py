@@ -15,13 +15,14 @@ answered on standard output, in order, by ``A <bytes written> <nanoseconds spent
 the disk here too). A failure is reported once as ``E <json>`` before its answer; later frames
 are then answered without being done (a snapshot after a missing one is not written).
 
-The process dies with its parent (``PR_SET_PDEATHSIG``): a killed run leaves no writer that
-could still rename files into a session that is being resumed.
+The process dies with its parent (a lifeline pipe): a killed run leaves no writer that could
+still rename files into a session that is being resumed. What the run had handed over and
+was not written yet is dropped; no consumer has seen its results (they are delivered only
+once written), and a temporary file it leaves in ``.tmp`` is removed by the next run.
 """
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found]  # not signal: its enums cost a third of the start-up
 import os
 import struct
 import sys
@@ -34,23 +35,27 @@ except ImportError:  # run as a script: the folder of this file is on sys.path
 
 FRAME = struct.Struct("<BBII")  # op, flags, path length, data length
 WRITE, SYNC_DIR, END = 1, 2, 3
-FSYNC, SYNC_PARENT, MAKE_DIR = 1, 2, 4  # flags of WRITE
+FSYNC, SYNC_PARENT, MAKE_DIR, IF_ABSENT = 1, 2, 4, 8  # flags of WRITE
 
 _READ_SIZE = 1 << 20
-_PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel for SIGKILL when the parent goes; check it did not go already."""
-    try:
-        import ctypes
+def _die_with_parent(lifeline: int) -> None:
+    """Exit at once when the parent is gone: ``lifeline`` is a pipe whose write end only
+    the parent holds, so reading it ends (EOF) when the parent dies, even by SIGKILL. What
+    was sent and not written yet is dropped: nothing waits on it any more."""
+    import _thread
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
-    except (ImportError, OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
-    if os.getppid() != parent:
+    def watch() -> None:
+        while True:
+            try:
+                if not os.read(lifeline, 1):
+                    break
+            except InterruptedError:
+                continue
         os._exit(1)
+
+    _thread.start_new_thread(watch, ())
 
 
 def _error_line(exc: BaseException, path: str) -> bytes:
@@ -78,7 +83,9 @@ class Disk:
         os.fsync(fd)
         self.fsyncs += 1
 
-    def do(self, op: int, flags: int, path: str, data: bytes | bytearray) -> bytes:
+    def do(
+        self, op: int, flags: int, path: str, data: bytes | bytearray, tmp_dir: str | None = None
+    ) -> bytes:
         """Do one frame; return its answer (and the report of a failure first)."""
         if self.failed:
             return b"A 0 0 0\n"
@@ -93,6 +100,8 @@ class Disk:
                 "fsync" if flags & FSYNC else "flush",
                 sync_dir=bool(flags & SYNC_PARENT),
                 make_dir=bool(flags & MAKE_DIR),
+                tmp_dir=tmp_dir,
+                if_absent=bool(flags & IF_ABSENT),
             ).apply(self.fsync)
         except Exception as exc:
             self.failed = True
@@ -120,8 +129,13 @@ def serve(read_fd: int, write_fd: int) -> None:
             end = pos + head + path_len + data_len
             if len(pending) < end:
                 break
-            path = os.fsdecode(bytes(pending[pos + head : pos + head + path_len]))
-            answers.append(disk.do(op, flags, path, pending[pos + head + path_len : end]))
+            # "<folder for the temporary file>\0<path>", or just the path
+            tmp_dir, _, path = os.fsdecode(
+                bytes(pending[pos + head : pos + head + path_len])
+            ).rpartition("\0")
+            answers.append(
+                disk.do(op, flags, path, pending[pos + head + path_len : end], tmp_dir or None)
+            )
             pos = end
         del pending[:pos]
         _answer(write_fd, answers)
@@ -134,7 +148,7 @@ def _answer(fd: int, answers: list[bytes]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    _die_with_parent(int(argv[1]))
+    _die_with_parent(int(argv[1]))  # the lifeline's read end
     serve(sys.stdin.fileno(), sys.stdout.fileno())
 
 

@@ -1,7 +1,9 @@
-"""A session's snapshots, listed and checked without unpickling anything; checkout's truncation."""
+"""A session's snapshots, listed and checked without unpickling anything; checkout's
+truncation; the clean-up of what a killed run left half written."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -9,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SnapshotError
-from ._format import signing_key
-from ._reader import order_of, read_snapshot
+from ._capture import TMP_NAME
+from ._chunks import STORE_NAME
+from ._format import read_manifest, signing_key
+from ._reader import newest_first, order_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +70,10 @@ def list_snapshots(
     """Every snapshot of a session, oldest first by time of writing, each checked.
 
     ``session`` is a trace path or its ``__session__`` folder. A snapshot is valid when its
-    header, signature (with the signing key of ``settings``, else of ``LoopSettings()``),
-    body checksum and chunks (present with their size; ``deep=True`` also hashes them) all
-    pass. Nothing is unpickled and no class is imported.
+    manifest, signature (with the signing key of ``settings``, else of ``LoopSettings()``),
+    and the files it points at (present with their size; ``deep=True`` also hashes them) all
+    pass: only manifests are read (``deep=True`` reads and hashes what they point at).
+    Nothing is unpickled and no class is imported.
     """
     if settings is None:
         from .._settings import LoopSettings
@@ -77,15 +82,18 @@ def list_snapshots(
     key = signing_key(settings.signing_key)
     infos = []
     for file, li, si, name in snapshot_files(session_folder_of(Path(session))):
-        (written, seq), header, problem = order_of(file)
         state_size = 0
-        if problem is None:
-            try:
-                snapshot = read_snapshot(file, key)
-                snapshot.check_chunks(deep)
-                state_size = snapshot.state_size
-            except (SnapshotError, OSError) as exc:
-                problem = str(exc)
+        cls = None
+        try:
+            with file.open("rb") as f:
+                manifest = read_manifest(f, file, key)
+            written, seq = manifest.order
+            cls = manifest.cls
+            state_size = _check_refs(file, manifest.fields, deep)
+            problem = None
+        except (SnapshotError, OSError) as exc:
+            (written, seq), _, _ = order_of(file)
+            problem = str(exc)
         try:
             size = file.stat().st_size
         except OSError:
@@ -100,7 +108,7 @@ def list_snapshots(
                 size=size,
                 valid=problem is None,
                 problem=problem,
-                cls=header.cls if header is not None else None,
+                cls=cls,
                 seq=seq,
                 state_size=state_size,
             )
@@ -112,7 +120,7 @@ def list_snapshots(
 def truncate_after(session_folder: Path, kept: Path) -> list[Path]:
     """Delete the snapshot files written after ``kept`` (a checkout); return what was deleted.
 
-    Chunks and loop outputs are left alone: older snapshots may share them.
+    The store is left alone: older snapshots share it.
     """
     order = {file: order_of(file)[0] for file, *_ in snapshot_files(session_folder)}
     if kept not in order:
@@ -121,3 +129,62 @@ def truncate_after(session_folder: Path, kept: Path) -> list[Path]:
     for path in later:
         path.unlink(missing_ok=True)
     return later
+
+
+def _check_refs(file: Path, fields: dict[str, Any], deep: bool) -> int:
+    """Check that what the manifest points at directly is in the store; return the bytes of
+    pickled attributes. ``deep``: read the whole step file and everything, hashes checked."""
+    if deep:
+        from ._reader import read_snapshot
+
+        read_snapshot(file, None).verify()
+    store = file.parent.parent / STORE_NAME
+    size = 0
+    refs: list[tuple[int, str]] = []
+    for _, pieces, blobs in fields["attrs"]:
+        for piece in pieces:
+            size += int(piece[0])
+            if len(piece) > 1:
+                refs.append((int(piece[0]), str(piece[1])))
+        refs += [(int(n), str(sha)) for sha, n in blobs]
+    loops = fields.get("loops") or {}
+    if loops.get("chain"):
+        refs.append((int(loops["chain"][0]), str(loops["chain"][1])))
+    refs += [(int(n), str(sha)) for _, n, sha in loops.get("open", ())]
+    for expected, sha in refs:
+        try:
+            actual = (store / sha).stat().st_size
+        except FileNotFoundError:
+            raise SnapshotError(f"{file}: {store / sha} is missing") from None
+        if actual != expected:
+            raise SnapshotError(f"{file}: {store / sha} has the wrong size")
+    return size
+
+
+def remove_orphans(session_folder: Path) -> int:
+    """Remove what a killed run left half written; return how many files went.
+
+    Temporary files are never complete. A file of the store written after the newest step
+    file is referred to by no step file (a step file is written after everything it points
+    at, the writer writes one job at a time, and it never rewrites a file the store has):
+    its snapshot was never completed. Only a run that holds the session's lock calls this.
+    """
+    removed = 0
+    tmp = session_folder / TMP_NAME
+    for entry in _entries(tmp):
+        os.unlink(entry.path)
+        removed += 1
+    group = next(iter(newest_first(session_folder)), [])
+    newest = max((p.stat().st_mtime_ns for p in group), default=-1)
+    for entry in _entries(session_folder / STORE_NAME):
+        if entry.stat().st_mtime_ns > newest:
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        return [e for e in os.scandir(folder) if e.is_file()]
+    except FileNotFoundError:
+        return []

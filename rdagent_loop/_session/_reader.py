@@ -1,122 +1,169 @@
-"""Reading a snapshot back: verify all of it, then (and only then) unpickle.
+"""Reading a step file back: verify all of it, then (and only then) unpickle.
 
-Order of checks: magic and header (format, signature), the body's size and checksum, every
-chunk's hash, the loop class (imported by name only now), and last the unpickling itself,
-whose import errors become a ``SnapshotError`` naming the snapshot, the class and what is
-missing.
+Order of checks: the footer and manifest (format, signature), the file's checksum, every
+chunk, blob and page it points at (each against its SHA-256), the loop class (imported by
+name only now), and last the unpickling itself, whose import errors become a
+``SnapshotError`` naming the snapshot, the class and what is missing.
+
+``assemble`` is what a plain ``pickle.load`` of a step file calls (see ``_format.py``).
 """
 
 from __future__ import annotations
 
 import copyreg
+import hashlib
 import importlib
-import io
-import json
 import os
-import pickle
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._errors import SnapshotError, SnapshotWarning
-from ._chunks import Piece, read_chunk, sha256
-from ._format import Header, qualified_name, read_body, read_header
+from .._loops import LoopMap, no_value
+from ._blobs import loads
+from ._capture import TMP_NAME, Saved
+from ._chunks import STORE_NAME, ChunkIndex, read_chunk
+from ._format import (
+    Manifest,
+    OldFormatError,
+    qualified_name,
+    read_body,
+    read_manifest,
+    signing_key,
+)
+from ._pages import LoopPages, PageEntry, parse_page
 
-StoredPiece = tuple[int, str | None]
-"""(size, sha256 of a stored chunk), or (size, None) for bytes inside the snapshot file."""
+_FACTORIES: dict[str, Callable[[], Any]] = {
+    "step_idx": int,
+    "loop_prev_out": dict,
+    "loop_trace": list,
+    "withdraw_base": no_value,
+}
+
+
+@dataclass
+class _Store:
+    """Files of a session's store, each read once and checked against its hash."""
+
+    folder: Path | None
+    what: Path
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def get(self, sha: str, size: int) -> bytes:
+        data = self.files.get(sha)
+        if data is None:
+            if self.folder is None:
+                raise SnapshotError(f"{self.what} refers to stored data but is not in a session")
+            try:
+                data = read_chunk(self.folder, sha, size)
+            except SnapshotError as exc:
+                raise SnapshotError(f"{self.what}: {exc}") from None
+            self.files[sha] = data
+        return data
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A snapshot file whose header and body passed their checks (chunks not read yet)."""
+    """A step file whose manifest and checksum passed (what it points at not read yet)."""
 
     path: Path
-    header: Header
-    whole: bool
-    store: Path | None
-    segments: tuple[tuple[str, tuple[StoredPiece, ...]], ...]
-    own: frozenset[str]  # segments pickled on their own (not in the shared memo)
-    inline: memoryview
+    manifest: Manifest
+    body: bytes
+
+    @property
+    def session(self) -> Path | None:
+        """Where its store is: the session this file lies in (wherever it was written)."""
+        if not self.manifest.fields.get("per_loop") and not self._stored():
+            return None
+        return self.path.parent.parent
+
+    def _stored(self) -> bool:
+        attrs = self.manifest.fields["attrs"]
+        return any(len(p) > 1 or refs for _, pieces, refs in attrs for p in pieces)
 
     @property
     def state_size(self) -> int:
-        """Bytes of pickled state, wherever they are stored."""
-        return sum(size for _, pieces in self.segments for size, _ in pieces)
+        """Bytes of pickled attributes (loop records not counted)."""
+        return sum(int(p[0]) for _, pieces, _ in self.manifest.fields["attrs"] for p in pieces)
 
-    def _stored(self) -> Iterator[tuple[int, str]]:
-        for _, pieces in self.segments:
-            for size, digest in pieces:
-                if digest is not None:
-                    yield size, digest
+    def verify(self) -> Verified:
+        """Read and check everything this file points at (nothing is unpickled)."""
+        fields = self.manifest.fields
+        folder = self.session
+        store = _Store(None if folder is None else folder / STORE_NAME, self.path)
+        try:
+            segments = self._segments(store)
+            records, pages = _records(store, fields.get("loops"))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise SnapshotError(f"{self.path} has a corrupt manifest: {exc!r}") from None
+        return Verified(self, store, segments, records, pages)
 
-    def check_chunks(self, deep: bool = False) -> None:
-        """Check that every chunk is there with its size (``deep``: and its hash)."""
-        seen: set[str] = set()
-        for size, digest in self._stored():
-            if digest in seen:
-                continue
-            seen.add(digest)
-            assert self.store is not None
-            if deep:
-                read_chunk(self.store, digest, size)
-                continue
-            try:
-                actual = (self.store / digest).stat().st_size
-            except FileNotFoundError:
-                raise SnapshotError(f"chunk {self.store / digest} is missing") from None
-            if actual != size:
-                raise SnapshotError(f"chunk {self.store / digest} has the wrong size")
+    def load(self, expected: type) -> Any:
+        """The loop object, an instance of ``expected`` or of a subclass of it."""
+        return self.verify().build(expected)
 
-    def read_pieces(self) -> list[list[bytes | memoryview]]:
-        """The bytes of every segment, each stored chunk checked against its hash."""
-        cache: dict[str, bytes] = {}
-        offset = 0
+    def _segments(self, store: _Store) -> list[tuple[str, bytes]]:
+        """Every attribute's pickle, and every blob they refer to, read and checked."""
+        body = memoryview(self.body)
+        offset = self.manifest.body_offset
         segments = []
-        for _, pieces in self.segments:
+        for name, pieces, refs in self.manifest.fields["attrs"]:
             parts: list[bytes | memoryview] = []
-            for size, digest in pieces:
-                if digest is None:
-                    parts.append(self.inline[offset : offset + size])
+            for piece in pieces:
+                size = int(piece[0])
+                if len(piece) == 1:
+                    parts.append(body[offset : offset + size])
                     offset += size
                 else:
-                    if digest not in cache:
-                        assert self.store is not None
-                        try:
-                            cache[digest] = read_chunk(self.store, digest, size)
-                        except SnapshotError as exc:
-                            raise SnapshotError(f"{self.path}: {exc}") from None
-                    parts.append(cache[digest])
-            segments.append(parts)
+                    parts.append(store.get(str(piece[1]), size))
+            for sha, size in refs:
+                store.get(str(sha), int(size))
+            segments.append((str(name), b"".join(parts)))
+        if offset != len(body):
+            raise SnapshotError(f"{self.path} has a corrupt manifest: inline sizes do not add up")
         return segments
 
-    def rebuild(self, expected: type, pieces: list[list[bytes | memoryview]]) -> Any:
+    def _seed(self, folder: Path, store: _Store, pages: LoopPages) -> Saved:
+        """What this snapshot proves the session holds: the next snapshot builds on it."""
+        index = ChunkIndex(folder / STORE_NAME)
+        index.known.update(store.files)
+        for name, pieces, _ in self.manifest.fields["attrs"]:
+            if all(len(p) > 1 for p in pieces):
+                index.segments[str(name)] = [(int(p[0]), str(p[1])) for p in pieces]
+        return Saved(os.fspath(folder), index, pages)
+
+
+@dataclass
+class Verified:
+    """A step file and everything it points at, read and checked: safe to unpickle."""
+
+    snapshot: Snapshot
+    store: _Store
+    segments: list[tuple[str, bytes]]
+    records: dict[int, PageEntry]
+    pages: LoopPages
+
+    def build(self, expected: type) -> Any:
         """The loop object, an instance of ``expected`` or of a subclass of it."""
-        cls = resolve_class(self.path, self.header.cls, expected)
-        shared = [
-            parts
-            for (name, _), parts in zip(self.segments, pieces, strict=True)
-            if name not in self.own
-        ]
-        unpickler = _unpickler(p for parts in shared for p in parts)
-        state: Any
+        snapshot, fields = self.snapshot, self.snapshot.manifest.fields
+        cls = resolve_class(snapshot.path, snapshot.manifest.cls, expected)
         name = ""
         try:
-            if self.whole:
-                state = unpickler.load()
+            state: Any = {}
+            for name, data in self.segments:
+                state[name] = loads(data, self.store.get)
+            if fields["state"] == "object":
+                state = state[""]
             else:
-                state = {}
-                for (name, _), parts in zip(self.segments, pieces, strict=True):
-                    if name in self.own:
-                        state[name] = _unpickler(parts).load()
-                    else:
-                        state[name] = unpickler.load()
+                name = "per-loop state"
+                state.update(_maps(fields.get("per_loop") or (), self.records, self.store))
         except (ImportError, AttributeError) as exc:
             where = f"attribute {name!r}" if name else "the state"
             raise SnapshotError(
-                f"{self.path} holds a snapshot of {self.header.cls}, but {where} cannot be "
-                f"rebuilt: {exc} (was a module or class it uses renamed or moved?)"
+                f"{snapshot.path} holds a snapshot of {snapshot.manifest.cls}, but {where} "
+                f"cannot be rebuilt: {exc} (was a module or class it uses renamed or moved?)"
             ) from exc
         obj: Any = copyreg.__newobj__(cls)  # type: ignore[attr-defined]  # what pickle does
         setstate = getattr(obj, "__setstate__", None)
@@ -124,98 +171,74 @@ class Snapshot:
             setstate(state)
         else:
             obj.__dict__.update(state)
+        folder = snapshot.session
+        if folder is not None and isinstance(getattr(obj, "__dict__", None), dict):
+            obj.__dict__["_saved"] = snapshot._seed(folder, self.store, self.pages)
         return obj
 
-    def index_seed(self) -> tuple[list[tuple[str, list[Piece]]], list[str]]:
-        """How this snapshot cut its segments, and the chunks it proved are in the store."""
-        offset = 0
-        segments = []
-        stored = []
-        for name, pieces in self.segments:
-            cut: list[Piece] = []
-            for size, digest in pieces:
-                if digest is None:
-                    digest = sha256(self.inline[offset : offset + size])
-                    offset += size
-                else:
-                    stored.append(digest)
-                cut.append((size, digest))
-            segments.append((name, cut))
-        return segments, stored
+
+def _records(store: _Store, loops: Any) -> tuple[dict[int, PageEntry], LoopPages]:
+    """Every loop's record entry (newest wins), and the pages' state to continue from."""
+    pages = LoopPages()
+    records: dict[int, PageEntry] = {}
+    if not loops:
+        return records, pages
+    ref = loops["chain"]
+    pages.chain = None if ref is None else (int(ref[0]), str(ref[1]))
+    pages.sealed = int(loops["sealed"])
+    while ref is not None:
+        size, sha = int(ref[0]), str(ref[1])
+        ref, entries = parse_page(store.get(sha, size), f"page {sha[:12]}")
+        for entry in entries:
+            records.setdefault(entry.loop_idx, entry)
+    open_loops: set[int] = set()
+    for page, size, sha in loops["open"]:
+        _, entries = parse_page(store.get(str(sha), int(size)), f"page {str(sha)[:12]}")
+        pages.open[int(page)] = (int(size), str(sha))
+        for entry in entries:
+            records[entry.loop_idx] = entry
+            open_loops.add(entry.loop_idx)
+    for li, entry in records.items():
+        if entry.stored is not None:
+            entry.data = store.get(entry.stored, entry.size)
+        for sha, size in entry.blobs:
+            store.get(sha, size)
+        pages.digests[li] = hashlib.blake2b(entry.data, digest_size=16).digest()
+        if li in open_loops:
+            pages.records[li] = (bytes(entry.data), tuple(entry.blobs))
+            if entry.stored is not None:
+                pages.stored[li] = entry.stored
+    return records, pages
 
 
-def _unpickler(pieces: Iterable[bytes | memoryview]) -> pickle.Unpickler:
-    return pickle.Unpickler(io.BufferedReader(_Pieces(pieces), 1 << 16))
-
-
-class _Pieces(io.RawIOBase):
-    """A read-only stream over a sequence of byte strings, without joining them."""
-
-    def __init__(self, pieces: Iterable[bytes | memoryview]) -> None:
-        self._pieces = iter(pieces)
-        self._current = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._current:
-            nxt = next(self._pieces, None)
-            if nxt is None:
-                return 0
-            self._current = memoryview(nxt)
-        n = min(len(buffer), len(self._current))
-        buffer[:n] = self._current[:n]
-        self._current = self._current[n:]
-        return n
+def _maps(names: Iterable[str], entries: dict[int, PageEntry], store: _Store) -> dict[str, Any]:
+    maps: dict[str, LoopMap[Any]] = {name: LoopMap(_FACTORIES.get(name, dict)) for name in names}
+    for li in sorted(entries):
+        record = loads(entries[li].data, store.get)
+        for name, value in record.items():
+            if name in maps:
+                maps[name]._values[li] = value
+    for mapping in maps.values():
+        mapping.take_touched()
+    return maps
 
 
 def read_snapshot(path: Path, key: bytes | None) -> Snapshot:
-    """Read and check a snapshot file (header, signature, body). Never unpickles."""
+    """Read and check a step file (manifest, signature, checksum). Never unpickles."""
     with path.open("rb") as f:
-        header = read_header(f, path, key)
-        if header.kind != "snapshot":
-            raise SnapshotError(f"{path} is an {header.kind} file, not a snapshot")
-        body = read_body(f, path, header)
-    end = body.find(b"\n")
-    try:
-        manifest = json.loads(body[:end])
-        raw_segments = manifest["segments"]
-        segments = tuple((str(s[0]), tuple(_piece(p) for p in s[1])) for s in raw_segments)
-        own = frozenset(str(s[0]) for s in raw_segments if len(s) > 2 and s[2])
-        whole = manifest["state"] == "object"
-        store = manifest["store"]
-        if manifest["protocol"] > pickle.HIGHEST_PROTOCOL:
-            raise ValueError(f"pickle protocol {manifest['protocol']} is too new")
-    except (ValueError, TypeError, KeyError) as exc:
-        raise SnapshotError(f"{path} has a corrupt manifest: {exc!r}") from None
-    inline = memoryview(body)[end + 1 :]
-    if sum(size for _, pieces in segments for size, d in pieces if d is None) != len(inline):
-        raise SnapshotError(f"{path} has a corrupt manifest: inline sizes do not add up")
-    stores_chunks = any(d is not None for _, pieces in segments for _, d in pieces)
-    if stores_chunks and not isinstance(store, str):
-        raise SnapshotError(f"{path} has a corrupt manifest: chunks but no store")
-    return Snapshot(
-        path=path,
-        header=header,
-        whole=whole,
-        store=Path(os.path.normpath(path.parent / store)) if isinstance(store, str) else None,
-        segments=segments,
-        own=own,
-        inline=inline,
-    )
+        manifest = read_manifest(f, path, key)
+        body = read_body(f, path, manifest)
+    return Snapshot(path, manifest, body)
 
 
-def _piece(raw: Any) -> StoredPiece:
-    size = int(raw[0])
-    digest = raw[1] if len(raw) > 1 else None
-    if size < 0 or (digest is not None and (len(digest) != 64 or not _is_hex(digest))):
-        raise ValueError(f"bad piece {raw!r}")
-    return size, digest
+def assemble(path: str) -> Any:
+    """What ``pickle.load`` of a step file calls: the loop object, as ``Cls.load`` reads it
+    (checked the same way, with the signing key of the environment's ``LoopSettings``)."""
+    from .._loop import LoopBase
+    from .._settings import LoopSettings
 
-
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+    key = signing_key(LoopSettings().signing_key)
+    return read_snapshot(Path(path), key).load(LoopBase)
 
 
 def resolve_class(path: Path, name: str, expected: type) -> type[Any]:
@@ -247,12 +270,13 @@ def resolve_class(path: Path, name: str, expected: type) -> type[Any]:
     return obj
 
 
-def order_of(path: Path) -> tuple[tuple[int, int], Header | None, str | None]:
-    """When ``path`` was written (header time, or mtime if unreadable), its header, its problem."""
+def order_of(path: Path) -> tuple[tuple[int, int], Manifest | None, str | None]:
+    """When ``path`` was written (manifest time, or mtime if unreadable), its manifest, its
+    problem."""
     try:
         with path.open("rb") as f:
-            header = read_header(f, path, None)
-        return header.order, header, None
+            manifest = read_manifest(f, path, None)
+        return manifest.order, manifest, None
     except (SnapshotError, OSError) as exc:
         try:
             mtime = path.stat().st_mtime_ns
@@ -261,33 +285,97 @@ def order_of(path: Path) -> tuple[tuple[int, int], Header | None, str | None]:
         return (mtime, 0), None, str(exc)
 
 
+def newest_first(folder: Path) -> Iterable[list[Path]]:
+    """Step files in groups, newest group first, by modification time; the newest group
+    found without listing every loop folder.
+
+    A loop folder's mtime is the time a file was last renamed into it (or removed), never
+    earlier than its files' own: folders older than the newest file found cannot hold a
+    newer one. Ties (the clock's resolution) are grouped: the caller orders them by their
+    manifests.
+    """
+    try:
+        loop_dirs = [e for e in os.scandir(folder) if e.name.isdigit() and e.is_dir()]
+    except FileNotFoundError:
+        return
+    loop_dirs.sort(key=lambda e: e.stat().st_mtime_ns, reverse=True)
+    best = -1
+    found: list[tuple[int, Path]] = []
+    for entry in loop_dirs:
+        if entry.stat().st_mtime_ns < best:
+            break
+        for file in os.scandir(entry.path):
+            if _is_step_name(file.name) and file.is_file():
+                mtime = file.stat().st_mtime_ns
+                found.append((mtime, Path(file.path)))
+                best = max(best, mtime)
+    if found:
+        top = [p for m, p in found if m == best]
+        yield top
+    everything = sorted(
+        ((p.stat().st_mtime_ns, p) for p in step_files(folder)), key=lambda t: t[0], reverse=True
+    )
+    groups: dict[int, list[Path]] = {}
+    for mtime, path in everything:
+        groups.setdefault(mtime, []).append(path)
+    seen = {p for m, p in found if m == best}
+    for group in groups.values():
+        rest = [p for p in group if p not in seen]
+        if rest:
+            yield rest
+
+
+def _is_step_name(name: str) -> bool:
+    step, sep, _ = name.partition("_")
+    return bool(sep) and step.isdigit()
+
+
+def step_files(session_folder: Path) -> Iterable[Path]:
+    """Every ``<loop>/<step>_<name>`` file of a session."""
+    try:
+        loop_dirs = list(os.scandir(session_folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in loop_dirs:
+        if entry.name.isdigit() and entry.is_dir():
+            for file in os.scandir(entry.path):
+                if _is_step_name(file.name) and file.is_file():
+                    yield Path(file.path)
+
+
 def newest_valid(
-    files: Iterable[Path],
     folder: Path,
     key: bytes | None,
     *,
     on_skip: Callable[[Path, Exception], object] | None = None,
-) -> tuple[Snapshot, list[list[bytes | memoryview]]]:
-    """The newest snapshot (by time of writing) that passes every check, read in full.
+) -> Verified:
+    """The newest step file (by time of writing) that passes every check, read in full.
 
     Each newer broken one is reported with a ``SnapshotWarning`` naming it, or to
     ``on_skip`` (for readers that list the broken snapshots themselves).
     """
-    ordered = sorted(files, key=lambda p: order_of(p)[0], reverse=True)
     skipped = 0
-    for path in ordered:
-        try:
-            snapshot = read_snapshot(path, key)
-            pieces = snapshot.read_pieces()
-        except (SnapshotError, OSError) as exc:
-            skipped += 1
-            if on_skip is not None:
-                on_skip(path, exc)
-                continue
-            warnings.warn(
-                f"skipping snapshot {path}: {exc}; trying an older one", SnapshotWarning, 4
-            )
-            continue
-        return snapshot, pieces
-    detail = f" ({skipped} broken)" if skipped else ""
-    raise FileNotFoundError(f"no valid snapshot in session folder {folder}{detail}")
+    for group in newest_first(folder):
+        for path in sorted(group, key=lambda p: order_of(p)[0], reverse=True):
+            try:
+                return read_snapshot(path, key).verify()
+            except OldFormatError:
+                raise  # an older one is of the same format: say how to convert them
+            except (SnapshotError, OSError) as exc:
+                skipped += 1
+                if on_skip is not None:
+                    on_skip(path, exc)
+                    continue
+                warnings.warn(
+                    f"skipping snapshot {path}: {exc}; trying an older one", SnapshotWarning, 4
+                )
+    if skipped:
+        raise FileNotFoundError(
+            f"no valid snapshot in session folder {folder}: all {skipped} are broken"
+        )
+    leftovers = [n for n in (STORE_NAME, TMP_NAME) if (folder / n).is_dir()]
+    why = " (a run was stopped before its first snapshot was complete)" if leftovers else ""
+    raise FileNotFoundError(
+        f"no snapshot in session folder {folder}: nothing was saved yet{why}, so there is "
+        "nothing to resume"
+    )

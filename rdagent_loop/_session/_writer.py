@@ -1,53 +1,50 @@
-"""The run's snapshot writer: disk work off the event loop's thread, in order, drained at exit.
+"""The run's snapshot writer: files reach the disk in order, off the event loop's thread.
 
-``dump()`` captures the state synchronously and hands the job over. Where it can (Linux),
-the writer builds the files' bytes right there and sends them to a writer *process*
-(``_writer_process.py``), which writes them in parallel: a thread of this process would
-have to win the GIL back from a busy event loop after every system call. Jobs that need
-slow work first (cutting and hashing large segments into chunks), and whatever the pipe
-to the process cannot take at once, go to the writer thread, which sends them on in
-order; elsewhere (or with ``snapshot_writer="thread"``) the thread writes the files itself.
+One path: ``dump()`` captures a job and ``submit`` queues it (it never waits); the writer's
+*sender* task builds each job's files (in a worker thread when large segments must be cut
+and hashed first) and hands them to the disk; once a job's step file is on disk, the
+callbacks given to ``then`` run, on the event loop's thread. The run delivers each result
+that way: a consumer only ever sees a step whose snapshot is on disk.
 
-Nothing here blocks the event loop's thread: ``submit`` builds bytes and queues them, or
-sends what the pipe takes at once. Waiting is async, and the caller's to do:
+The disk is a writer *process* (``_disk_worker.py``) fed through a pipe, where one can be
+started; else a worker thread. Why a process: a run's event loop is busy between steps,
+and a thread gets the GIL back after each of its system calls only when the event loop
+lets it go. With 2,000 tiny steps per second the process keeps up, a thread does not
+(``benchmarks``: "the same, snapshot_writer="thread"" row).
 
-* ``await wait_room()`` after ``submit`` keeps memory bounded: while the writer thread is
-  more than ``max_pending`` bytes behind, it waits. With room (nearly always) it returns at
-  once, without a checkpoint, so the engine can call it at every step.
+* ``await wait_room()`` after ``submit`` keeps memory bounded: while more than
+  ``max_pending`` bytes are not on disk, it waits.
 * ``await drain()`` waits until every snapshot submitted so far is on disk (before a
   withdraw reads the one to restore), and raises a failed write's error.
 
-A waiting task is woken by the writer thread through the event loop's token
-(``anyio.from_thread.run_sync``, on asyncio and trio alike), once per wait: the thread looks
-at the waiters only after it has counted what it finished, and a waiter publishes its event
-before it looks at the counts again, so no wake-up is lost.
-
-The thread starts with the first job; it starts the process (starting one waits for it to
-exist) and ends it. The run waits for both when it ends (shielded from cancellation, so a
-run never returns with a snapshot still in flight). A failed write is raised by the next
-``submit`` (the run then fails on the step that tried to save), by ``drain``, or when the
-run ends.
+Leaving the context manager waits until everything handed over is on disk (shielded from
+cancellation, so a run never returns with a snapshot in flight). A failed write is raised
+by the next ``submit``, by ``drain``, or when the run ends; what was queued after it is not
+written.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import logging
 import os
-import queue
-import threading
-import time
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 import anyio
-import anyio.lowlevel
+from anyio.abc import Process, TaskGroup
 
 from .._compat import add_note
+from .._errors import SnapshotError
 from ._atomic import FileOp
 from ._capture import SnapshotJob
-from ._writer_process import Frames, WriterProcess, available
+from ._disk_worker import END, FRAME, FSYNC, IF_ABSENT, MAKE_DIR, SYNC_DIR, SYNC_PARENT, WRITE
 
 if TYPE_CHECKING:
     from ._atomic import Fsync
@@ -55,20 +52,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("rdagent_loop")
 
 WriterMode = Literal["auto", "process", "thread"]
-POLL_JOBS = 16
-POLL_SECONDS = 0.05
+WORKER = Path(__file__).with_name("_disk_worker.py")
+SEND_SLICE = 1 << 20  # a pipe write never copies more than this into a transport buffer
 
 
-class _Barrier:
-    """Queued by ``drain``: the thread sets ``reached`` once everything before it is on disk."""
-
-    __slots__ = ("reached",)
-
-    def __init__(self) -> None:
-        self.reached = anyio.Event()
-
-
-_Item = SnapshotJob | Frames | _Barrier  # a job to build and send, frames to send, or a barrier
+def process_available() -> bool:
+    """Whether a writer process can start here: ``sys.executable`` is a Python interpreter,
+    not a frozen application or a server that embeds Python (which would start itself)."""
+    name = os.path.basename(sys.executable or "")
+    return not getattr(sys, "frozen", False) and name.startswith(("python", "pypy"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,17 +71,16 @@ class WriterStatistics:
     jobs_pending: int
     bytes_pending: int
     bytes_written: int
-    fsyncs: int  # taken by the writer thread or process (not by jobs the caller wrote itself)
+    fsyncs: int  # taken by the writer thread or process (not by jobs written inline)
     process_id: int | None  # of the writer process, if there is one
 
 
 class SnapshotWriter:
-    """Writes the snapshots of one ``run()`` off the event loop's thread.
+    """Writes the snapshots of one ``run()`` in order, off the event loop's thread.
 
-    An async context manager: leaving it waits until everything handed over is on disk.
-    ``fsync`` is what the writer thread calls to make a file or folder durable (a test passes
-    one that counts); the writer process, a program of its own, calls ``os.fsync`` and
-    reports how many it took (``statistics().fsyncs``).
+    ``fsync`` is what the writer thread calls to make a file or folder durable (a test
+    passes one that counts); the writer process calls ``os.fsync`` and reports how many it
+    took (``statistics().fsyncs``).
     """
 
     def __init__(
@@ -104,40 +95,36 @@ class SnapshotWriter:
         self.mode = mode
         self.max_pending = max_pending
         self._fsync = fsync
-        self._queue: queue.SimpleQueue[tuple[_Item, int] | None] = queue.SimpleQueue()
-        self._token: anyio.lowlevel.EventLoopToken | None = None  # to wake a waiting task
-        self._room: anyio.Event | None = None  # a wait_room() is (or was) waiting on it
-        self._thread: threading.Thread | None = None
-        self._process: WriterProcess | None = None
+        self._queue: collections.deque[tuple[SnapshotJob, int]] = collections.deque()
+        self._callbacks: dict[int, list[Callable[[], None]]] = {}
+        self._answers: collections.deque[Callable[[], None] | None] = collections.deque()
+        self._changed = anyio.Event()  # set when a job comes in or finishes
+        self._task_group: TaskGroup | None = None
+        self._process: Process | None = None
+        self._lifeline = -1
         self._open = False
-        self._error_lock = threading.Lock()
+        self._closing = False
         self._error: BaseException | None = None
         self._delivered = False
-        # Counters without a shared lock: each is written by one thread only (submitted by
-        # the submitter, finished by the writer thread, done by whoever learns a job's
-        # snapshot is on disk), because a lock shared with a thread that loses the GIL at
-        # every system call would make the event loop wait for it.
-        self._jobs = 0
-        self._submitted = self._submitted_bytes = 0
-        self._finished = self._finished_bytes = 0
-        self._done = self._bytes = self._fsyncs = 0
-        self._next_poll_job = 0
-        self._next_poll_time = 0.0
+        self._submitted = self._done = 0  # jobs
+        self._submitted_bytes = self._done_bytes = 0
+        self._sizes: collections.deque[int] = collections.deque()
+        self._bytes = self._fsyncs = 0
+        self._jobs_in_pipe: collections.deque[SnapshotJob] = collections.deque()
+        self.on_failure: Callable[[BaseException], None] | None = None
+        """Called (on the event loop's thread) when a write fails."""
+
+    # -- the caller's side ----------------------------------------------------------------
 
     async def __aenter__(self) -> SnapshotWriter:
-        self._token = anyio.lowlevel.current_token()
+        if self.mode == "process" or (self.mode == "auto" and process_available()):
+            await self._start_process()
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._send)
+        if self._process is not None:
+            self._task_group.start_soon(self._take_answers)
         self._open = True
-        if self.mode == "process" or (self.mode == "auto" and available()):
-            # the thread starts the process before anything is written, and the event loop
-            # sends every snapshot straight to it: jobs handed to the thread while it started
-            # kept later ones queued behind them, and a thread gets the GIL back from a busy
-            # event loop too seldom to catch up (snapshots/s fell by ~15%)
-            barrier = _Barrier()
-            self._hand_to_thread(barrier, 0)
-            await barrier.reached.wait()
-            error = self._take_error()
-            if error is not None:
-                raise error
         return self
 
     async def __aexit__(
@@ -147,225 +134,290 @@ class SnapshotWriter:
         tb: TracebackType | None,
     ) -> None:
         self._open = False
-        thread, self._thread = self._thread, None
-        if thread is not None:
+        self._closing = True
+        self._signal()
+        task_group, self._task_group = self._task_group, None
+        if task_group is not None:
+            task_group.cancel_scope.shield = True  # the run's cancellation must not drop a job
+            await task_group.__aexit__(None, None, None)
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._finish, thread)
-        error = self._take_error()
+                await self._stop_process()
+        error = self.take_error()
         if error is not None:
             if exc is None:
                 raise error
-            log.error("a snapshot could not be written: %r", error)
-
-    def _finish(self, thread: threading.Thread) -> None:
-        """Let the thread, then the process it started, write everything they were given."""
-        self._queue.put(None)
-        thread.join()
+            add_note(exc, f"a snapshot could not be written either: {error!r}")
 
     def submit(self, job: SnapshotJob) -> bool:
-        """Hand ``job`` over; False if the writer is not running (the caller writes it itself).
+        """Queue ``job``; False if the writer is not running (the caller writes it itself).
 
         It never waits: call ``await wait_room()`` after it to keep memory bounded. After a
-        failed write, the error is raised once (here, by ``drain`` or at exit); later jobs are
-        left to the caller.
+        failed write, the error is raised once (here, by ``drain`` or at exit, unless
+        ``on_failure`` took it), and later jobs are dropped.
         """
-        error = self._take_error(poll=self._poll_due())
+        error = self.take_error()
         if error is not None:
             raise error
-        if not self._open or self._error is not None:
-            if self._error is not None and job.index is not None:
-                job.index.forget()  # it counts chunks of jobs that were dropped as stored
+        if self._error is not None:  # the run is failing: nothing more is written
+            job.failed()
+            return True
+        if not self._open:
             return False
         size = job.nbytes
-        self._jobs += 1
-        process = self._process
-        if process is None or job.chunked:
-            # no process (or not yet: the thread starts it, with the first job), or a job
-            # slow to build: the thread does it
-            self._hand_to_thread(job, size)
-            return True
-        # built here even while the thread is busy (it then only sends): a thread gets the
-        # GIL back from the event loop too seldom to build jobs as fast as they come
-        frames = process.encode(self._operations(job))
-        if self._submitted != self._finished:  # behind what the thread holds
-            self._hand_to_thread(frames, frames.nbytes)
-            return True
-        rest = process.send_now(frames)  # nothing ahead of it: straight into the pipe
-        if rest is not None:
-            self._hand_to_thread(rest, rest.nbytes)
-        return True
-
-    def _start_process(self) -> None:
-        """Start the writer process if there is to be one (the thread does, as it starts:
-        starting a process waits for it to exist, which the event loop must not)."""
-        if self.mode == "thread" or (self.mode == "auto" and not available()):
-            return
-        try:
-            self._process = WriterProcess()
-        except OSError as exc:
-            if self.mode == "process":
-                raise
-            log.info("no snapshot writer process (%r): writing on a thread", exc)
-
-    def _hand_to_thread(self, item: _Item, size: int) -> None:
         self._submitted += 1
         self._submitted_bytes += size
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._work, name="rdagent-loop-snapshots", daemon=True
-            )
-            self._thread.start()
-        self._queue.put((item, size))
+        self._queue.append((job, size))
+        self._signal()
+        return True
 
-    def _operations(self, job: SnapshotJob) -> list[FileOp]:
-        """The job's files. The ``done`` of the last file holds no reference to the job,
-        which can go as soon as its bytes are sent."""
-        return job.operations(self._job_done)
+    def then(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once everything submitted so far is on disk (now if it is).
 
-    def _job_done(self) -> None:
-        self._done += 1
+        Never called if a write fails first.
+        """
+        if self._error is not None:
+            return
+        if self._done == self._submitted:
+            callback()
+        else:
+            self._callbacks.setdefault(self._submitted, []).append(callback)
 
     async def wait_room(self) -> None:
-        """Wait while the writer thread is more than ``max_pending`` bytes behind.
-
-        For the event loop's thread, after ``submit``. With room it returns at once, without
-        a checkpoint (it costs two reads at every step); else the thread wakes it once it has
-        caught up enough, and the event loop runs on meanwhile. A single job larger than
-        ``max_pending`` is waited for until it is written.
-        """
-        while self._submitted_bytes - self._finished_bytes > self.max_pending:
-            room = self._room
-            if room is None:
-                # published before the counts are read again: the thread, which counts
-                # before it looks for a waiter, either sees it or has made room already
-                self._room = anyio.Event()
-                continue
-            await room.wait()
+        """Wait while more than ``max_pending`` bytes are not on disk yet (at once, without
+        a checkpoint, when there is room: the engine calls it at every step)."""
+        while self._submitted_bytes - self._done_bytes > self.max_pending and self._error is None:
+            await self._changed.wait()
 
     async def drain(self) -> None:
         """Wait until every snapshot submitted so far is on disk; raise a failed write's error.
 
-        For the event loop's thread. With nothing in flight it returns at once (no
-        checkpoint); snapshots submitted while it waits are not waited for. Cancelling it
-        cancels only the wait, not the writing.
+        Cancelling it cancels only the wait, not the writing.
         """
-        if self._open and self._in_flight():
-            barrier = _Barrier()
-            self._hand_to_thread(barrier, 0)  # behind everything already handed over
-            await barrier.reached.wait()
-        error = self._take_error()
+        target = self._submitted
+        while self._done < target and self._error is None:
+            await self._changed.wait()
+        error = self.take_error()
         if error is not None:
             raise error
-
-    def _in_flight(self) -> bool:
-        if self._submitted != self._finished:
-            return True
-        process = self._process
-        if process is None:
-            return False
-        process.poll(wait=False)
-        return process.unanswered > 0
 
     def statistics(self) -> WriterStatistics:
         process = self._process
         return WriterStatistics(
             jobs_done=self._done,
-            jobs_pending=self._jobs - self._done,
-            bytes_pending=self._submitted_bytes - self._finished_bytes,
-            bytes_written=self._bytes + (process.bytes_written if process else 0),
-            fsyncs=self._fsyncs + (process.fsyncs if process else 0),
-            process_id=process.pid if process else None,
+            jobs_pending=self._submitted - self._done,
+            bytes_pending=self._submitted_bytes - self._done_bytes,
+            bytes_written=self._bytes,
+            fsyncs=self._fsyncs,
+            process_id=None if process is None else process.pid,
         )
 
-    def _set_error(self, error: BaseException) -> None:
-        with self._error_lock:
-            if self._error is None:
-                self._error = error
+    # -- the writer's side ----------------------------------------------------------------
 
-    def _poll_due(self) -> bool:
-        """Whether to read the process's answers now: at most every ``POLL_JOBS`` jobs,
-        unless ``POLL_SECONDS`` have passed (reading them costs as much as sending a job)."""
-        now = time.monotonic()
-        if self._jobs < self._next_poll_job and now < self._next_poll_time:
-            return False
-        self._next_poll_job = self._jobs + POLL_JOBS
-        self._next_poll_time = now + POLL_SECONDS
-        return True
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
-    def _take_error(self, *, poll: bool = True) -> BaseException | None:
-        process = self._process
-        if poll and process is not None and self._error is None:
-            process.poll(wait=False)  # answers that came in: files written, or a failure
-            if process.error is not None:
-                self._set_error(process.error)
+    def _job_done(self) -> None:
+        """The step file of the oldest job in flight is on disk."""
+        self._done += 1
+        self._done_bytes += self._sizes.popleft()
+        if self._jobs_in_pipe:
+            self._jobs_in_pipe.popleft()
+        for callback in self._callbacks.pop(self._done, ()):
+            callback()
+        self._signal()
+
+    def _fail(self, error: BaseException) -> None:
+        first = self._error is None
+        if first:
+            self._error = error
+        for job, _ in self._queue:
+            job.failed()
+        for job in self._jobs_in_pipe:
+            job.failed()
+        self._queue.clear()
+        self._callbacks.clear()
+        self._signal()
+        if first and self.on_failure is not None:
+            # its results will never be delivered: whoever waits for them must hear now
+            self.on_failure(error)
+
+    def take_error(self) -> BaseException | None:
+        """The error of a failed write, the first time it is asked for (then None)."""
         error = self._error
         if error is None or self._delivered:
             return None
         self._delivered = True
         return error
 
-    def _work(self) -> None:
-        try:
-            self._start_process()
-        except BaseException as exc:
-            self._set_error(exc)
-        while True:
-            entry = self._queue.get()
-            if entry is None:
-                self._close_process()
-                return
-            item, size = entry
-            try:
-                if isinstance(item, _Barrier):
-                    if self._process is not None:
-                        self._process.wait_answered()  # the frames sent before it
-                elif self._error is None:  # after a failure, later snapshots are not written
-                    self._write(item)
-            except BaseException as exc:
-                if isinstance(item, SnapshotJob):
-                    add_note(exc, f"while writing the snapshot {item.path}")
-                self._set_error(exc)
-            self._finished_bytes += size
-            self._finished += 1
-            if isinstance(item, _Barrier):
-                self._wake(item.reached)
-            room = self._room
-            behind = self._submitted_bytes - self._finished_bytes
-            if room is not None and behind <= self.max_pending:
-                self._room = None
-                self._wake(room)
+    async def _send(self) -> None:
+        """Build each job's files, in order, and hand them to the disk."""
+        with anyio.CancelScope(shield=True):  # the run's cancellation must not drop a job
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        await self._send_end()
+                        return
+                    await self._changed.wait()
+                    continue
+                job, size = self._queue.popleft()
+                self._sizes.append(size)
+                try:
+                    if job.chunked:  # cutting and hashing large segments: a worker thread
+                        ops = await anyio.to_thread.run_sync(job.operations, _step_file)
+                    else:
+                        ops = job.operations(_step_file)
+                    if self._process is None:
+                        await self._write_in_thread(ops)
+                    else:
+                        self._jobs_in_pipe.append(job)
+                        await self._send_frames(ops)
+                except Exception as exc:
+                    job.failed()
+                    add_note(exc, f"while writing the snapshot {job.path}")
+                    self._fail(exc)
 
-    def _close_process(self) -> None:
-        """Let the process write what it was sent, and end. This thread started it, so it
-        does: the process is killed when the thread that started it ends (its "parent" for
-        ``PR_SET_PDEATHSIG``)."""
+    async def _send_end(self) -> None:
+        """Tell the process that nothing more comes: it answers, then exits."""
         process = self._process
-        if process is None:
-            return
-        try:
-            process.close()
-        except BaseException as exc:
-            self._set_error(exc)
-        if process.error is not None:
-            self._set_error(process.error)
+        if process is not None and process.returncode is None and process.stdin is not None:
+            with contextlib.suppress(anyio.BrokenResourceError, BrokenPipeError, ConnectionError):
+                await process.stdin.send(FRAME.pack(END, 0, 0, 0))
 
-    def _wake(self, event: anyio.Event) -> None:
-        """Set ``event`` on the event loop's thread (this is the writer thread)."""
-        with contextlib.suppress(anyio.RunFinishedError):  # gone, and whoever waited in it
-            anyio.from_thread.run_sync(event.set, token=self._token)
+    async def _write_in_thread(self, ops: list[FileOp]) -> None:
+        def write() -> None:
+            for op in ops:
+                self._bytes += op.apply(self._count_fsync)
+
+        await anyio.to_thread.run_sync(write)
+        self._job_done()
 
     def _count_fsync(self, fd: int) -> None:
         self._fsync(fd)
         self._fsyncs += 1
 
-    def _write(self, item: SnapshotJob | Frames) -> None:
+    # -- the writer process ---------------------------------------------------------------
+
+    async def _start_process(self) -> None:
+        read_end, write_end = os.pipe()  # the lifeline: see _disk_worker._die_with_parent
+        try:
+            self._process = await anyio.open_process(
+                [sys.executable, "-S", "-E", "-s", "-B", os.fspath(WORKER), str(read_end)],
+                pass_fds=(read_end,),
+                start_new_session=True,  # Ctrl-C at a terminal is for the run, which drains it
+                stderr=None,
+            )
+        except OSError as exc:
+            os.close(write_end)
+            if self.mode == "process":
+                raise
+            log.info("no snapshot writer process (%r): writing on a thread", exc)
+        else:
+            self._lifeline = write_end
+        finally:
+            os.close(read_end)
+
+    async def _send_frames(self, ops: list[FileOp]) -> None:
         process = self._process
-        if not isinstance(item, SnapshotJob):
-            assert process is not None
-            process.send_all(item)
+        assert process is not None
+        buffers: list[bytes | bytearray | memoryview] = []
+        for op in ops:
+            path = os.fsencode(op.path if op.tmp_dir is None else f"{op.tmp_dir}\0{op.path}")
+            self._answers.append(self._job_done if op.done is not None else None)
+            if op.data is None:
+                buffers += (FRAME.pack(SYNC_DIR, 0, len(path), 0), path)
+                continue
+            flags = (
+                (FSYNC if op.durability == "fsync" else 0)
+                | (SYNC_PARENT if op.sync_dir else 0)
+                | (MAKE_DIR if op.make_dir else 0)
+                | (IF_ABSENT if op.if_absent else 0)
+            )
+            buffers += (FRAME.pack(WRITE, flags, len(path), len(op.data)), path, op.data)
+        small = [b for b in buffers if len(b) < SEND_SLICE]
+        if len(small) == len(buffers):
+            await self._write_pipe(process, b"".join(buffers))
             return
-        ops = self._operations(item)
-        if process is not None:
-            process.send_all(process.encode(ops))
+        for buffer in buffers:  # large data in slices: no whole copy in a transport buffer
+            view = memoryview(buffer).cast("B")
+            for start in range(0, len(view), SEND_SLICE):
+                await self._write_pipe(process, view[start : start + SEND_SLICE])
+
+    async def _write_pipe(self, process: Process, data: bytes | memoryview) -> None:
+        assert process.stdin is not None
+        try:
+            # a bytes-like object: asyncio's and trio's pipe streams take views as they are
+            await process.stdin.send(data)  # type: ignore[arg-type]
+        except (anyio.BrokenResourceError, BrokenPipeError, ConnectionError):
+            raise await self._died() from None
+
+    async def _take_answers(self) -> None:
+        """Read the process's answers: one line per frame, in order."""
+        process = self._process
+        assert process is not None
+        assert process.stdout is not None
+        partial = b""
+        with anyio.CancelScope(shield=True):
+            while True:
+                try:
+                    data = await process.stdout.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    if self._answers and self._error is None:
+                        self._fail(await self._died())
+                    return
+                lines = (partial + data).split(b"\n")
+                partial = lines.pop()
+                for line in lines:
+                    self._take(line)
+
+    def _take(self, line: bytes) -> None:
+        if line[:1] == b"E":
+            self._fail(_rebuild(json.loads(line[2:])))
             return
-        self._bytes += sum(op.apply(self._count_fsync) for op in ops)
+        _, written, _spent, fsyncs = line.split()
+        self._bytes += int(written)
+        self._fsyncs += int(fsyncs)
+        done = self._answers.popleft()
+        if done is not None and self._error is None:
+            done()
+
+    async def _stop_process(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        try:
+            await process.wait()
+        finally:
+            await process.aclose()
+            if self._lifeline >= 0:
+                os.close(self._lifeline)
+                self._lifeline = -1
+
+    async def _died(self) -> SnapshotError:
+        process = self._process
+        assert process is not None
+        code = await process.wait()
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        return SnapshotError(
+            f"the snapshot writer process (pid {process.pid}) {how}; "
+            f"{len(self._answers)} snapshot files may not have been written"
+        )
+
+
+def _step_file() -> None:
+    """Marks a job's step file among its files (``FileOp.done``): when it is on disk, the
+    job is (its answer from the process, or the end of the thread's writes, says so)."""
+
+
+def _rebuild(report: dict[str, object]) -> BaseException:
+    """The exception the writer process reported, as close to the original as JSON allows."""
+    code, path = report.get("errno"), report.get("path")
+    exc: BaseException
+    if isinstance(code, int):
+        strerror = report.get("strerror") or os.strerror(code)
+        filename = report.get("filename")
+        exc = OSError(code, strerror, filename) if filename is not None else OSError(code, strerror)
+    else:
+        exc = SnapshotError(f"{report.get('type')}: {report.get('message')}")
+    add_note(exc, f"while writing {path} (in the snapshot writer process)")
+    return exc

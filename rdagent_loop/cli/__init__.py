@@ -4,6 +4,7 @@
     rdagent-loop inspect log/2025-01-01_12-00-00-000000
     rdagent-loop resume log/2025-01-01_12-00-00-000000 [--checkout forked/]
     rdagent-loop timeline log/2025-01-01_12-00-00-000000 -o timeline.svg
+    rdagent-loop upgrade log/2025-01-01_12-00-00-000000   (a session of rdagent_loop 0.1)
     rdagent-loop demo
 
 Ctrl-C stops a run cleanly (in-flight steps are cancelled, their child processes killed,

@@ -261,6 +261,54 @@ def timeline(
     return 0
 
 
+@cli.command()
+@click.argument("session", type=click.Path(path_type=Path))
+@_debug_option
+def upgrade(session: Path) -> int:
+    """Convert SESSION (a trace path or its __session__ folder), written by rdagent_loop 0.1,
+    to today's format, in place.
+
+    The old files are kept in __session__/.format2. A session already converted is left as
+    it is; a file that cannot be converted is left as it is too, and named.
+    """
+    from .._errors import SessionBusyError
+    from .._inspect import session_paths
+    from .._session._legacy import upgrade_session
+
+    try:
+        folder = session_paths(session).session_folder
+    except SessionError as exc:
+        raise CliError(str(exc)) from exc
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # the loop class's module, like `python -m`
+    try:
+        report = upgrade_session(folder)
+    except (SessionBusyError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    if report.already_current:
+        click.echo(f"{shown(folder)} is in today's format already: nothing to convert")
+        return 0
+    if report.converted:
+        click.echo(
+            f"converted {plural(len(report.converted), 'step file')} of {shown(folder)}, "
+            f"{plural(report.outputs_merged, 'finished-loop outputs file')} merged into them; "
+            f"the old files are kept in {shown(report.kept)}"
+        )
+    elif not report.failed:
+        click.echo(
+            f"nothing left to convert in {shown(folder)}; removed "
+            f"{plural(report.outputs_removed, 'old file')} from its loop folders (the old "
+            f"files are kept in {shown(report.kept)})"
+        )
+    if report.failed:
+        failed = "; ".join(f"{file.relative_to(folder)}: {why}" for file, why in report.failed)
+        raise CliError(
+            f"{plural(len(report.failed), 'step file')} of {shown(folder)} could not be "
+            f"converted and stayed as they were (copies in {shown(report.kept)}): {failed}"
+        )
+    return 0
+
+
 def _demo_command() -> click.Command:
     """``demo``, with the defaults and options of the example it runs."""
     try:

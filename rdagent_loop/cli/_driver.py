@@ -24,10 +24,11 @@ import anyio
 import click
 from anyio.abc import TaskStatus
 
-from .. import LoopBase, RunSummary, list_snapshots
+from .. import LoopBase, RunSummary, SessionBusyError, list_snapshots
 from .._budget import carry_budgets
 from .._inspect import META_FILE
 from .._live import LiveDisplay
+from .._session._lock import remove_lock
 from .._timeline import format_seconds
 from ._messages import CliError, error_line, plural, prog, shown
 
@@ -169,6 +170,11 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
     Commands to resume or inspect are given only when a snapshot was saved: without one
     there is nothing they could read.
     """
+    if isinstance(ended.error, SessionBusyError):  # another run's session: leave it as it is
+        if debug:
+            traceback.print_exception(ended.error)
+        click.echo(f"{prog()}: error: {error_line(ended.error)}", err=True)
+        return 1
     trace = loop.session_folder.parent
     resume = f"{prog()} resume {shown(trace)}"
     saved = sum(1 for s in list_snapshots(loop.session_folder) if s.valid)
@@ -227,9 +233,11 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
 
 
 def _forget(trace: Path) -> None:
-    """Take back what starting the run created, when it saved nothing: the meta file, and
-    the session folders if they are left empty (the app's own files stay)."""
+    """Take back what starting the run created, when it saved nothing: the meta file, the
+    session's lock, and the session folders if they are left empty (the app's own files
+    stay)."""
     (trace / META_FILE).unlink(missing_ok=True)
+    remove_lock(trace / "__session__")
     for folder in (trace / "__session__", trace):
         with contextlib.suppress(OSError):  # not empty, or not there
             folder.rmdir()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import looplib
 
 from rdagent_loop import LoopBase, LoopSettings
@@ -233,3 +234,113 @@ class Steady(Grows):
 
     def record(self, prev_out: dict[str, Any]) -> int:
         return len(self.history)
+
+
+# -- session format 0.2 (test_session_v02.py, session_large_crash_child.py) ---------------
+
+
+class Mixed(LoopBase):
+    """propose (async) -> coding (sync) -> running (async) -> record (sync).
+
+    Each step returns ``out_size`` deterministic bytes; ``record`` also appends to ``self``.
+    ``big`` bytes and ``many`` short strings of user state make a large snapshot.
+    ``USER_STATE`` names the attributes a test compares between two loads.
+    """
+
+    USER_STATE = ("out_size", "big", "many", "records")
+
+    def __init__(
+        self,
+        settings: LoopSettings | None = None,
+        out_size: int = 1_000,
+        big: int = 0,
+        many: int = 0,
+    ) -> None:
+        super().__init__(settings)
+        self.out_size = out_size
+        self.big = payload(-1, 0, big)
+        self.many = [f"item-{i}" for i in range(many)]
+        self.records: list[int] = []
+
+    def _begin(self, li: int, si: int) -> None:
+        """Called when a step's body starts."""
+
+    def _end(self, li: int, si: int) -> None:
+        """Called when a step's body ends (its output is made)."""
+
+    def _check(self, prev_out: dict[str, Any], before: str, si: int) -> int:
+        li = int(prev_out[self.LOOP_IDX_KEY])
+        assert prev_out[before] == payload(li, si, self.out_size), (li, before)
+        return li
+
+    async def propose(self, prev_out: dict[str, Any]) -> bytes:
+        li = int(prev_out[self.LOOP_IDX_KEY])
+        self._begin(li, 0)
+        await anyio.lowlevel.checkpoint()
+        out = payload(li, 0, self.out_size)
+        self._end(li, 0)
+        return out
+
+    def coding(self, prev_out: dict[str, Any]) -> bytes:
+        li = self._check(prev_out, "propose", 0)
+        self._begin(li, 1)
+        out = payload(li, 1, self.out_size)
+        self._end(li, 1)
+        return out
+
+    async def running(self, prev_out: dict[str, Any]) -> bytes:
+        li = self._check(prev_out, "coding", 1)
+        self._begin(li, 2)
+        await anyio.lowlevel.checkpoint()
+        out = payload(li, 2, self.out_size)
+        self._end(li, 2)
+        return out
+
+    def record(self, prev_out: dict[str, Any]) -> bytes:
+        li = self._check(prev_out, "running", 2)
+        self._begin(li, 3)
+        self.records.append(li)
+        out = payload(li, 3, self.out_size)
+        self._end(li, 3)
+        return out
+
+    @classmethod
+    def expected_outputs(cls, li: int, out_size: int) -> dict[str, Any]:
+        outputs: dict[str, Any] = {cls.LOOP_IDX_KEY: li}
+        outputs.update({name: payload(li, si, out_size) for si, name in enumerate(cls.steps)})
+        return outputs
+
+
+class LargeCrashLoop(Mixed):
+    """``Mixed`` with a large state that ``record`` grows by ``blob`` bytes per loop.
+
+    A step appends ``"<loop> <step>"`` to the file ``starts`` when its body starts, and to
+    ``side`` when it ends: the crash test kills the run after some starts, and checks that no
+    step a snapshot showed as done runs again.
+    """
+
+    USER_STATE = (*Mixed.USER_STATE, "blobs")
+
+    def __init__(
+        self,
+        settings: LoopSettings,
+        starts: str,
+        side: str,
+        out_size: int,
+        big: int,
+        many: int,
+        blob: int,
+    ) -> None:
+        super().__init__(settings, out_size=out_size, big=big, many=many)
+        self.starts = starts
+        self.side = side
+        self.blob = blob
+        self.blobs: dict[int, bytes] = {}
+
+    def _begin(self, li: int, si: int) -> None:
+        mark(self.starts, li, si)
+
+    def _end(self, li: int, si: int) -> None:
+        if si == 3:
+            self.blobs[li] = payload(li, 4, self.blob)
+        mark(self.side, li, si)

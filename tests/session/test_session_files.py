@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import itertools
+import json
 import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import anyio
+import anyio.to_thread
 import pytest
-from session_loops import Chain, OtherChain, Unrelated
+from session_loops import Chain, OtherChain, Unrelated, payload
 
 import rdagent_loop._session._atomic as atomic
 from rdagent_loop import (
@@ -20,6 +26,8 @@ from rdagent_loop import (
     SnapshotWarning,
     list_snapshots,
 )
+from rdagent_loop._current import run_of
+from rdagent_loop._session._format import FOOTER, MAGIC, Manifest, encode_tail, read_manifest
 
 pytestmark = pytest.mark.anyio
 
@@ -29,8 +37,22 @@ def files(folder: Path) -> list[Path]:
 
 
 def leftovers(folder: Path) -> list[Path]:
-    """Temporary files: there must be none once a write has failed or finished."""
+    """Temporary files (in ``.tmp``): there must be none once a write has failed or finished."""
     return [p for p in folder.rglob(".tmp-*")]
+
+
+def manifest(file: Path, key: bytes | None = None) -> Manifest:
+    with file.open("rb") as f:
+        return read_manifest(f, file, key)
+
+
+def canonical(fields: dict[str, Any]) -> bytes:
+    """The JSON a manifest line must be: keys sorted, no spaces (written here independently)."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def flipped(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x55]) + data[at + 1 :]
 
 
 async def ran(settings: LoopSettings, loops: int = 1, cls: type[Chain] = Chain) -> Chain:
@@ -39,31 +61,56 @@ async def ran(settings: LoopSettings, loops: int = 1, cls: type[Chain] = Chain) 
     return loop
 
 
-# -- the header --------------------------------------------------------------------------
+# -- the manifest ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("key", [None, b"secret"])
-def test_the_header_line_is_the_canonical_json_its_signature_covers(key: bytes | None) -> None:
-    import json
-
-    from rdagent_loop._session import _format
-
-    header = _format.encode_header("snapshot", "m\u00e9:C", 12, "ab" * 32, key, (123, 4))
-    assert header.startswith(_format.MAGIC) and header.endswith(b"\n")
-    line = header[len(_format.MAGIC) : -1]
-    fields = json.loads(line)
-    assert line == _format._canonical(fields)  # written by hand, checked against the encoder
-    mac = fields.pop("hmac", None)
+def test_the_manifest_line_is_the_canonical_json_its_signature_covers(key: bytes | None) -> None:
+    fields = {
+        "format": 3,
+        "cls": "m\u00e9:C",
+        "written_at_ns": 123,
+        "seq": 4,
+        "z": [{"b": 1, "a": 2}],
+    }
+    tail = encode_tail(fields, key)
+    assert tail.endswith(MAGIC)
+    line = tail[:-FOOTER]
+    assert int.from_bytes(tail[-FOOTER : -FOOTER + 8], "big") == len(line)
+    assert line.endswith(b"\n") and b"\n" not in line[:-1]
+    parsed = json.loads(line)
+    assert line[:-1] == canonical(parsed)  # a verifier that parses and encodes again agrees
+    mac = parsed.pop("hmac", None)
+    assert parsed == fields
     assert (mac is None) == (key is None)
     if key is not None:
-        assert mac == _format._mac(key, fields)
+        assert mac == hmac.new(key, canonical(fields), hashlib.sha256).hexdigest()
+
+
+def test_a_step_files_manifest_is_canonical_and_signed_over_everything_else_on_its_line(
+    settings: LoopSettings,
+) -> None:
+    loop = Chain(settings.model_copy(update={"signing_key": "k"}))
+    loop.step_idx[0] = 1
+    file = loop.session_folder / "0" / "0_s0"
+    loop.dump(file)
+    data = file.read_bytes()
+    assert data.endswith(MAGIC)
+    found = manifest(file, b"k")  # accepted with the key
+    line = data[found.body_end : -FOOTER]
+    assert int.from_bytes(data[-FOOTER : -FOOTER + 8], "big") == len(line)
+    fields = json.loads(line)
+    assert line[:-1] == canonical(fields)
+    mac = fields.pop("hmac")
+    assert mac == hmac.new(b"k", canonical(fields), hashlib.sha256).hexdigest()
+    assert fields["body_sha256"] == hashlib.sha256(data[: found.body_end]).hexdigest()
 
 
 # -- capture ----------------------------------------------------------------------------------
 
 
 def test_a_capture_changes_the_switch_interval_only_to_take_a_torn_one_again() -> None:
-    from rdagent_loop._session import consistently
+    from rdagent_loop._session import without_tearing
     from rdagent_loop._session._capture import QUIET_INTERVAL
 
     before = sys.getswitchinterval()
@@ -75,8 +122,8 @@ def test_a_capture_changes_the_switch_interval_only_to_take_a_torn_one_again() -
             raise RuntimeError("dictionary changed size during iteration")
         return "picture"
 
-    assert consistently(make) == "picture"  # not torn: the host's setting is left alone
-    assert consistently(make) == "picture"  # torn, then taken again with threads held off
+    assert without_tearing(make) == "picture"  # not torn: the host's setting is left alone
+    assert without_tearing(make) == "picture"  # torn, then taken again with threads held off
     assert seen == pytest.approx([before, before, max(QUIET_INTERVAL, before)])
     assert sys.getswitchinterval() == before
 
@@ -96,12 +143,17 @@ def test_a_failure_between_write_and_rename_leaves_no_file_and_the_previous_one_
 
     monkeypatch.setattr(atomic, "_replace", fail)
     loop.step_idx[0] = 2
+    loop.big = os.urandom(100_000)  # type: ignore[attr-defined]  # a blob, not written either
     with pytest.raises(OSError, match="between write and rename"):
         loop.dump(loop.session_folder / "0" / "1_s1")
     monkeypatch.undo()
     assert files(loop.session_folder) == [loop.session_folder / "0" / "0_s0"]
     assert leftovers(loop.session_folder) == []
     assert Chain.load(loop.session_folder).step_idx[0] == 1
+    # what the failed dump meant to store is stored by the next one: it loads in full
+    loop.dump(loop.session_folder / "0" / "1_s1")
+    assert all(i.valid for i in list_snapshots(loop.session_folder, deep=True))
+    assert Chain.load(loop.session_folder).step_idx[0] == 2
 
 
 @pytest.mark.parametrize("writer", ["process", "thread"])
@@ -120,7 +172,7 @@ async def test_a_failed_write_during_a_run_fails_the_run_and_keeps_the_session(
     assert [p.name for p in files(loop.session_folder)] == ["0_s0", "1_s1", "2_s2", "3_s3"]
     assert all(info.valid for info in list_snapshots(loop.session_folder))
     resumed = Chain.load(loop.session_folder)
-    assert resumed.loop_prev_out[0]["s3"] == "s3@0"  # loop 0 is whole, outputs file and all
+    assert resumed.loop_prev_out[0]["s3"] == "s3@0"  # loop 0 is whole, its records and all
     assert (loop.session_folder / "1").read_text().startswith("a file")
 
 
@@ -155,22 +207,50 @@ async def test_a_truncated_newest_snapshot_is_skipped_with_a_warning_naming_it(
     assert "truncated" in (info.problem or "")
 
 
-async def test_a_damaged_chunk_is_caught_by_its_hash(settings: LoopSettings) -> None:
-    loop = Chain(settings)
-    loop.big = os.urandom(200_000)  # type: ignore[attr-defined]
+class Stored(Chain):
+    """A chain whose state has a large ``bytes`` value (a blob in the store) and a large
+    attribute of small values (cut into chunks in the store)."""
+
+    def __init__(self, settings: LoopSettings | None = None) -> None:
+        super().__init__(settings)
+        self.big = os.urandom(200_000)
+        self.many = [os.urandom(100) for _ in range(2_000)]
+
+
+def stored_files(file: Path, kind: str) -> list[Path]:
+    """The files of the store that step file ``file`` points at: its ``chunk`` pieces, its
+    ``blob`` values, or its ``page`` of loop records."""
+    fields = manifest(file).fields
+    if kind == "chunk":
+        shas = [p[1] for _, pieces, _ in fields["attrs"] for p in pieces if len(p) > 1]
+    elif kind == "blob":
+        shas = [sha for _, _, refs in fields["attrs"] for sha, _ in refs]
+    else:
+        loops = fields["loops"]
+        shas = [sha for _, _, sha in loops["open"]] + (
+            [loops["chain"][1]] if loops["chain"] else []
+        )
+    return [file.parent.parent / ".chunks" / sha for sha in shas]
+
+
+@pytest.mark.parametrize("kind", ["chunk", "blob"])
+async def test_a_damaged_file_of_the_store_is_caught_by_its_hash(
+    settings: LoopSettings, kind: str
+) -> None:
+    loop = Stored(settings)
     await loop.run(loop_n=1)
-    chunks = sorted((loop.session_folder / ".chunks").iterdir())
-    assert chunks
-    for chunk in chunks:
-        data = bytearray(chunk.read_bytes())
-        data[100] ^= 0xFF
-        chunk.write_bytes(bytes(data))
     newest = list_snapshots(loop.session_folder)[-1].path
-    with pytest.raises(SnapshotError, match="does not match its hash"):
+    damaged = stored_files(newest, kind)
+    assert damaged
+    for file in damaged:
+        data = file.read_bytes()
+        file.write_bytes(flipped(data, len(data) // 2))
+    with pytest.raises(SnapshotError, match="does not match its hash") as caught:
         Chain.load(newest)
+    assert str(newest) in str(caught.value) and str(damaged[0].parent) in str(caught.value)
     infos = list_snapshots(loop.session_folder, deep=True)
     assert not infos[-1].valid
-    valid = [i for i in infos if i.valid]  # early snapshots may hold all their bytes inline
+    valid = [i for i in infos if i.valid]  # early snapshots may not point at the damaged ones
     if valid:
         with pytest.warns(SnapshotWarning):
             resumed = Chain.load(loop.session_folder)
@@ -208,7 +288,7 @@ def test_a_raw_pickle_is_never_unpickled(tmp_path: Path) -> None:
     (folder / "0").mkdir(parents=True)
     raw = folder / "0" / "0_s0"
     raw.write_bytes(pickle.dumps(_Plant(target)))
-    with pytest.raises(SnapshotError, match="not an rdagent_loop snapshot"):
+    with pytest.raises(SnapshotError, match="not a complete rdagent_loop snapshot"):
         Chain.load(raw)
     with pytest.warns(SnapshotWarning, match="0_s0"), pytest.raises(FileNotFoundError):
         Chain.load(tmp_path / "trace")
@@ -217,11 +297,22 @@ def test_a_raw_pickle_is_never_unpickled(tmp_path: Path) -> None:
     assert not target.exists()
 
 
-async def test_a_file_with_a_tampered_body_is_never_unpickled(settings: LoopSettings) -> None:
+@pytest.mark.parametrize("where", ["stub", "inline"])
+async def test_a_file_with_a_tampered_body_is_refused_and_never_unpickled(
+    settings: LoopSettings, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
     loop = await ran(settings)
     newest = list_snapshots(loop.session_folder)[-1].path
-    data = newest.read_bytes()
-    newest.write_bytes(data[:-3] + bytes(b ^ 0x55 for b in data[-3:]))
+    found = manifest(newest)
+    # the stub is the pickle a plain pickle.load runs; the inline bytes are the attributes
+    at = found.body_offset // 2 if where == "stub" else (found.body_offset + found.body_end) // 2
+    newest.write_bytes(flipped(newest.read_bytes(), at))
+
+    def no_unpickling(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a tampered file was unpickled")
+
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(pickle, "Unpickler", no_unpickling)
     with pytest.raises(SnapshotError, match="checksum"):
         Chain.load(newest)
 
@@ -243,9 +334,22 @@ async def test_with_a_signing_key_a_wrong_or_missing_signature_is_refused(
     monkeypatch.setenv("RDAGENT_LOOP_SIGNING_KEY", "right key")
     resumed = Chain.load(newest)
     assert resumed.settings.signing_key is not None  # it keeps signing what it writes
-    # a header changed by hand (the class it names) breaks the signature
+    # a manifest changed by hand (the class it names) breaks the signature
     data = newest.read_bytes()
-    newest.write_bytes(data.replace(b"session_loops:Chain", b"session_loops:Chaim", 1))
+    found = manifest(newest)
+    end = found.body_end
+    assert data[end:].count(b"session_loops:Chain") == 1
+    # (its checksum recomputed, as anyone could: only the HMAC needs the key)
+    renamed = json.loads(data[end:-FOOTER])
+    renamed["cls"] = renamed["cls"].replace("session_loops:Chain", "session_loops:Chaim")
+    newest.write_bytes(data[:end] + encode_tail(renamed, None))
+    with pytest.raises(SnapshotError, match="signature"):
+        Chain.load(newest)
+    # so does a body changed with the checksum that the manifest gives for it
+    fields = json.loads(data[end:-FOOTER])
+    body = flipped(data[:end], (found.body_offset + end) // 2)
+    fields["body_sha256"] = hashlib.sha256(body).hexdigest()
+    newest.write_bytes(body + encode_tail(fields, None))  # the old HMAC kept
     with pytest.raises(SnapshotError, match="signature"):
         Chain.load(newest)
     # unsigned files are refused when a key is configured
@@ -335,7 +439,7 @@ async def test_list_snapshots_reports_every_file_without_unpickling(
 ) -> None:
     loop = await ran(settings.model_copy(update={"step_semaphore": 2}), loops=2)
     broken = loop.session_folder / "1" / "0_s0"
-    broken.write_bytes(b"garbage")
+    broken.write_bytes(b"garbage" * 10)
 
     def no_unpickling(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("list_snapshots unpickled something")
@@ -349,7 +453,7 @@ async def test_list_snapshots_reports_every_file_without_unpickling(
     assert [i.written_at_ns for i in infos] == sorted(i.written_at_ns for i in infos)
     bad = [i for i in infos if not i.valid]
     assert [(i.loop_idx, i.step_idx, i.step_name) for i in bad] == [(1, 0, "s0")]
-    assert "magic" in (bad[0].problem or "")
+    assert "not a complete rdagent_loop snapshot" in (bad[0].problem or "")
     good = [i for i in infos if i.valid]
     assert all(i.cls == "session_loops:Chain" and i.size > 0 and i.state_size > 0 for i in good)
     assert all(i.written_at.tzinfo is not None for i in infos)
@@ -363,30 +467,95 @@ def test_a_dump_outside_a_session_holds_all_its_bytes(
     loop = Chain(settings)
     loop.big = os.urandom(300_000)  # type: ignore[attr-defined]
     loop.dump(tmp_path / "elsewhere.snapshot")
-    assert not (tmp_path / ".chunks").exists()
+    assert not (tmp_path / ".chunks").exists() and not (tmp_path / ".tmp").exists()
     assert Chain.load(tmp_path / "elsewhere.snapshot").big == loop.big  # type: ignore[attr-defined]
 
 
-async def test_a_damaged_outputs_file_of_a_finished_loop_is_refused_on_access(
+async def test_a_damaged_page_of_finished_loops_is_refused_naming_it(
     settings: LoopSettings,
 ) -> None:
-    loop = await ran(settings, loops=2)
-    [outputs] = (loop.session_folder / "0").glob("outputs-*")
-    data = bytearray(outputs.read_bytes())
-    data[-5] ^= 0xFF
-    outputs.write_bytes(bytes(data))
-    resumed = Chain.load(loop.session_folder)  # the snapshot itself is intact
-    assert resumed.loop_prev_out[1]["s3"] == "s3@1"
-    with pytest.raises(SnapshotError, match=r"finished loop 0.*checksum"):
-        resumed.loop_prev_out[0]
+    loop = await ran(settings, loops=20)  # loops 0..15 finished: their records are sealed
+    infos = list_snapshots(loop.session_folder)
+    newest = infos[-1].path
+    sealed = manifest(newest).fields["loops"]["chain"]
+    assert sealed is not None
+    page = loop.session_folder / ".chunks" / sealed[1]
+    data = bytearray(page.read_bytes())
+    data[-5] ^= 0xFF  # in the pickled record of loop 15
+    page.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="does not match its hash") as caught:
+        Chain.load(newest)
+    assert str(newest) in str(caught.value) and str(page) in str(caught.value)
+    # the snapshots that point at the page are skipped, each named; an older one loads
+    pointing = [i.path for i in infos if manifest(i.path).fields["loops"]["chain"] == sealed]
+    with pytest.warns(SnapshotWarning) as warned:
+        resumed = Chain.load(loop.session_folder)
+    skipped = [str(w.message) for w in warned if issubclass(w.category, SnapshotWarning)]
+    assert len(skipped) == len(pointing)
+    assert str(newest) in skipped[0] and str(page) in skipped[0]
+    older = infos[len(infos) - len(pointing) - 1]
+    assert older.path not in pointing
+    assert resumed.step_idx[older.loop_idx] == older.step_idx + 1
+    assert resumed.loop_prev_out[0]["s3"] == "s3@0"  # read from the page before it was sealed
+    assert not list_snapshots(loop.session_folder, deep=True)[-1].valid
 
 
-async def test_memory_for_finished_loops_stays_bounded(settings: LoopSettings) -> None:
-    from rdagent_loop._finished import FinishedLoops
+class Paged(LoopBase):
+    """Two steps, each with a 2 kB output. Each step first waits until every snapshot before
+    it is on disk, and notes how many bytes the store holds then (in ``sizes``, outside the
+    loop's state)."""
 
-    loop = await ran(settings, loops=FinishedLoops.cache_size * 3)
-    archive = loop._finished
-    assert len(archive._cache) <= FinishedLoops.cache_size
-    assert archive._pending == {}  # everything is on disk once run() has returned
-    assert loop.loop_prev_out._live == {}
-    assert [loop.loop_prev_out[li]["s0"] for li in range(3)] == ["s0@0", "s0@1", "s0@2"]
+    sizes: ClassVar[list[int]] = []
+
+    async def _measure(self) -> None:
+        run = run_of(self)
+        assert run is not None
+        await run.writer.drain()
+        store = self.session_folder / ".chunks"
+        self.sizes.append(await anyio.to_thread.run_sync(store_bytes, store))
+
+    async def propose(self, prev_out: dict[str, Any]) -> bytes:
+        await self._measure()
+        return payload(prev_out[self.LOOP_IDX_KEY], 0, 2_000)
+
+    async def record(self, prev_out: dict[str, Any]) -> int:
+        await self._measure()
+        return int(prev_out[self.LOOP_IDX_KEY])
+
+
+def store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in store.iterdir()) if store.is_dir() else 0
+
+
+async def test_a_step_costs_the_same_whatever_the_number_of_finished_loops(
+    settings: LoopSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a snapshot pickles the records of the loop it saves a step of, not of the others; its
+    # step file, and the bytes it adds to the store, are the same at loop 60 as at loop 5:
+    # finished loops are sealed in pages, written once
+    from rdagent_loop._session._pages import LoopPages
+
+    pickled: list[list[int]] = []
+    real = LoopPages.pickle_records
+
+    def spy(pages: LoopPages, maps: Any, touched: set[int], blobs: Any) -> Any:
+        pickled.append(sorted(touched))
+        return real(pages, maps, touched, blobs)
+
+    monkeypatch.setattr(LoopPages, "pickle_records", spy)
+    Paged.sizes = []
+    loop = Paged(settings)
+    await loop.run(loop_n=64)
+    assert pickled == [[li] for li in range(64) for _ in range(2)]
+    sizes = [*Paged.sizes, store_bytes(loop.session_folder / ".chunks")]
+    added = [after - before for before, after in itertools.pairwise(sizes)]  # by step, in order
+    assert len(added) == 128
+    # loops 48..63 against loops 0..15: the same places in their pages of 16 loops (the bytes
+    # a step adds grow within a page, whose open copy it writes again, and start over)
+    for n in range(32):
+        assert abs(added[96 + n] - added[n]) < 200, (n, added[n], added[96 + n])
+    step_file = {(i.loop_idx, i.step_idx): i.size for i in list_snapshots(loop.session_folder)}
+    for si in range(2):
+        assert step_file[(60, si)] <= step_file[(5, si)] + 200, (si, step_file)
+    resumed = Paged.load(loop.session_folder)
+    assert [resumed.loop_prev_out[li]["record"] for li in range(64)] == list(range(64))

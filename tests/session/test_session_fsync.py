@@ -1,7 +1,8 @@
-"""``durability="fsync"`` reaches the disk: every file a snapshot writes (the snapshot, its new
-chunks, a finished loop's outputs) is fsynced before its folder is, and every folder that got a
-new entry is fsynced, whoever writes them (inline, the writer thread, the writer process);
-at ``durability="flush"`` nothing is.
+"""``durability="fsync"`` reaches the disk: every file a snapshot writes (the step file, and in
+the store its chunks, blobs and pages) is fsynced once, before its folder is; every folder that
+got a new entry is fsynced; the store is durable before a step file that points at it is;
+whoever writes them (inline, the writer thread, the writer process). At ``durability="flush"``
+nothing is.
 
 The fsync comes in through the constructor (``SnapshotWriter(fsync=...)``, ``job.run(fsync)``):
 a fake that still calls ``os.fsync`` and remembers what each call made durable. The writer
@@ -11,7 +12,6 @@ took, which must be as many as the writer thread took for the same snapshots.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -19,15 +19,9 @@ import pytest
 from session_loops import Grows, payload
 
 from rdagent_loop import LoopSettings
-from rdagent_loop._session import (
-    ChunkIndex,
-    Durability,
-    OutputsBlob,
-    SnapshotJob,
-    SnapshotWriter,
-    make_job,
-)
-from rdagent_loop._session._writer_process import available
+from rdagent_loop._session import Durability, SnapshotJob, SnapshotWriter, make_job
+from rdagent_loop._session._format import read_manifest
+from rdagent_loop._session._writer import process_available
 
 Identity = tuple[int, int]  # (device, inode): what fsync made durable; a rename keeps it
 
@@ -51,33 +45,52 @@ def identity(path: Path) -> Identity:
 
 def snapshot_jobs(session: Path, durability: Durability) -> list[SnapshotJob]:
     """The snapshots of three loops of ``Grows``, made as its ``dump()`` makes them: the
-    history is cut into chunks, and the last snapshot of a loop carries its outputs.
-    The same bytes at every call (the chunks, and so the files, are the same)."""
+    history's entries are blobs, ``notes`` is cut into chunks, the loops' records go into a
+    page. The same bytes at every call (the store's files are the same)."""
     loop = Grows(LoopSettings(trace_path=session.parent, progress=False), size=70_000)
-    index = ChunkIndex(session / ".chunks")
+    loop.notes = [payload(n, 0, 100) for n in range(1_000)]  # type: ignore[attr-defined]
     jobs = []
     for li in range(3):
+        loop.loop_idx = li + 1
         for si, name in enumerate(loop.steps):
             if name == "record":
                 loop.history.append(payload(li, si, 70_000))
+                loop.notes.append(payload(li, si, 100))  # type: ignore[attr-defined]
             loop.step_idx[li] = si + 1
-            outputs = []
-            if si == len(loop.steps) - 1:
-                data = payload(li, 9, 1000)
-                digest = hashlib.sha256(data).hexdigest()
-                outputs.append(OutputsBlob(session, li, digest, data))
+            loop.loop_prev_out[li][name] = payload(li, si, 1_000)
             path = session / str(li) / f"{si}_{name}"
-            jobs.append(
-                make_job(loop, path, durability=durability, key=None, index=index, outputs=outputs)
-            )
+            jobs.append(make_job(loop, path, durability=durability, key=None))
     return jobs
 
 
+def pointed_at(step_file: Path) -> dict[str, list[Path]]:
+    """The files of the store that ``step_file`` points at, by kind."""
+    with step_file.open("rb") as f:
+        fields = read_manifest(f, step_file, None).fields
+    loops = fields["loops"]
+    shas = {
+        "chunk": [p[1] for _, pieces, _ in fields["attrs"] for p in pieces if len(p) > 1],
+        "blob": [sha for _, _, refs in fields["attrs"] for sha, _ in refs],
+        "page": [sha for _, _, sha in loops["open"]]
+        + ([loops["chain"][1]] if loops["chain"] else []),
+    }
+    store = step_file.parent.parent / ".chunks"
+    return {kind: [store / sha for sha in found] for kind, found in shas.items()}
+
+
 def check(session: Path, synced: list[Identity], durability: Durability) -> None:
-    """Each file under ``session`` fsynced once, and its folder after it; every folder fsynced."""
+    """Each file under ``session`` fsynced once, and its folder after it; every folder fsynced;
+    what a step file points at fsynced, and its folder, before the step file."""
+    store = session / ".chunks"
+    step_files = sorted(session.glob("*/*_*"))
+    assert {p.name for p in step_files} == {"0_propose", "1_record"}
+    kinds: dict[str, set[Path]] = {"chunk": set(), "blob": set(), "page": set()}
+    for step_file in step_files:
+        for kind, found in pointed_at(step_file).items():
+            kinds[kind].update(found)
+    assert all(kinds.values()), kinds  # every kind of file
     files = sorted(p for p in session.rglob("*") if p.is_file())
-    names = {p.name.split("-")[0] if p.parent.name != ".chunks" else "chunk" for p in files}
-    assert names == {"0_propose", "1_record", "outputs", "chunk"}  # every kind of file
+    assert files == sorted({*step_files, *kinds["chunk"], *kinds["blob"], *kinds["page"]})
     if durability == "flush":
         assert synced == []
         return
@@ -89,9 +102,19 @@ def check(session: Path, synced: list[Identity], durability: Durability) -> None
         assert after and after[-1] > synced.index(identity(file)), (
             f"{file.parent} not fsynced after {file.name} was written"
         )
-    folders = [session.parent, session, *(p for p in session.rglob("*") if p.is_dir())]
+    # the temporary files' folder is left out: its entries are renamed away, none stays
+    folders = [session.parent, session, store, *(p for p in session.iterdir() if p.name.isdigit())]
     for folder_path in folders:  # each got a new entry: a folder, or a file
         assert identity(folder_path) in synced, f"the folder {folder_path} was never fsynced"
+    store_synced = [i for i, x in enumerate(synced) if x == identity(store)]
+    for step_file in step_files:
+        at = synced.index(identity(step_file))
+        for found in pointed_at(step_file).values():
+            for file in found:
+                written = synced.index(identity(file))
+                assert any(written < n < at for n in store_synced), (
+                    f"{step_file} was made durable before {file}, which it points at"
+                )
 
 
 @pytest.mark.parametrize("durability", ["fsync", "flush"])
@@ -122,7 +145,7 @@ async def test_the_writer_thread_fsyncs_every_file_and_folder(
 
 
 @pytest.mark.anyio
-@pytest.mark.skipif(not available(), reason="the writer process needs Linux")
+@pytest.mark.skipif(not process_available(), reason="no writer process here")
 @pytest.mark.parametrize("durability", ["fsync", "flush"])
 async def test_the_writer_process_fsyncs_as_often_as_the_thread(
     tmp_path: Path, durability: Durability
@@ -141,7 +164,7 @@ async def test_the_writer_process_fsyncs_as_often_as_the_thread(
         if mode == "thread":
             check(session, fsync.synced, durability)
         else:
-            assert fsync.synced == []  # the writer thread only sent the bytes
+            assert fsync.synced == []  # this process only sent the bytes
     if durability == "flush":
         assert fsyncs == {"thread": 0, "process": 0}
     else:

@@ -13,7 +13,7 @@ import anyio
 import psutil
 import pytest
 import trio
-from looplib import virtual_clock_params
+from looplib import run_cancelled_after, virtual_clock_params
 from session_loops import (
     Chain,
     Crowded,
@@ -25,7 +25,7 @@ from session_loops import (
 
 from rdagent_loop import LoopSettings, list_snapshots
 from rdagent_loop._current import run_of
-from rdagent_loop._finished import FinishedLoops
+from rdagent_loop._session._format import read_manifest
 
 pytestmark = pytest.mark.anyio
 
@@ -67,8 +67,8 @@ async def test_23_a_cancelled_step_is_not_marked_done_in_memory_or_on_disk(
     # the thread writer: a run waits for a writer process to start, and a virtual clock
     # jumps while it waits on a real process (past this test's 2.5 s)
     loop = Chain(settings.model_copy(update={"snapshot_writer": "thread"}), delay=1)
-    with anyio.move_on_after(2.5):  # s0 ends at 1 s, s1 at 2 s; s2 is cancelled half-way
-        await loop.run(loop_n=1)
+    # s0 ends at 1 s, s1 at 2 s; s2 is cancelled half-way (the 2.5 s count from s0's start)
+    await run_cancelled_after(loop, 2.5, loop_n=1)
     assert loop.step_idx[0] == 2
     assert [p.name for p in files(loop)] == ["0_s0", "1_s1"]
     assert Chain.load(loop.session_folder).step_idx[0] == 2
@@ -104,7 +104,7 @@ async def test_24_saving_beside_a_thread_step_never_fails(settings: LoopSettings
 
 
 def test_a_capture_is_taken_again_when_a_mutation_slipped_in() -> None:
-    from rdagent_loop._session import consistently
+    from rdagent_loop._session import without_tearing
 
     attempts = []
 
@@ -114,10 +114,10 @@ def test_a_capture_is_taken_again_when_a_mutation_slipped_in() -> None:
             raise RuntimeError("dictionary changed size during iteration")
         return "picture"
 
-    assert consistently(make) == "picture"
+    assert without_tearing(make) == "picture"
     assert len(attempts) == 2
     with pytest.raises(RuntimeError, match="other"):
-        consistently(lambda: (_ for _ in ()).throw(RuntimeError("other")))
+        without_tearing(lambda: (_ for _ in ()).throw(RuntimeError("other")))
 
 
 async def test_25_checkout_to_a_copy_writes_only_into_the_copy(
@@ -245,18 +245,33 @@ async def test_a_resumed_run_repeats_no_step_and_skips_none(settings: LoopSettin
 # -- flat cost and flat disk ----------------------------------------------------------------
 
 
-async def test_finished_loops_outputs_are_written_once_and_read_back_on_access(
+def loops_of(file: Path) -> dict[str, Any]:
+    """Where step file ``file`` says the loop records are: sealed pages and open pages."""
+    with file.open("rb") as f:
+        loops: dict[str, Any] = read_manifest(f, file, None).fields["loops"]
+    return loops
+
+
+async def test_finished_loops_records_are_sealed_once_and_read_back(
     settings: LoopSettings,
 ) -> None:
     loop = Grows(settings, size=30_000)
     await loop.run(loop_n=20)
-    outputs = sorted(loop.session_folder.glob("*/outputs-*"))
-    assert [p.parent.name for p in outputs] == sorted(str(li) for li in range(20))
+    infos = list_snapshots(loop.session_folder)
+    pages = [loops_of(info.path) for info in infos]
+    # loops 0..15 are sealed in one page, once, when the last of them finished; every later
+    # snapshot points at that same page and writes only the open page of loops 16..19
+    sealed = [n for n, p in enumerate(pages) if p["sealed"]]
+    assert sealed, "loops 0..15 were never sealed"
+    first = sealed[0]
+    assert (infos[first].loop_idx, infos[first].step_idx) == (15, 1)
+    assert all(p["sealed"] == 0 and p["chain"] is None for p in pages[:first])
+    assert all(p["sealed"] == 1 and p["chain"] == pages[first]["chain"] for p in pages[first:])
+    assert all([page for page, _, _ in p["open"]] == [1] for p in pages[first + 1 :])
     resumed = Grows.load(loop.session_folder)
     for li in range(20):
         assert resumed.loop_prev_out[li]["propose"] == loop.loop_prev_out[li]["propose"]
         assert [t.step_name for t in resumed.loop_trace[li]] == ["propose", "record"]
-    assert len(resumed._finished._cache) <= FinishedLoops.cache_size  # memory stays bounded
     assert 0 in resumed.loop_prev_out and 99 not in resumed.loop_prev_out
     assert list(resumed.loop_prev_out) == list(range(20))
 
@@ -264,9 +279,10 @@ async def test_finished_loops_outputs_are_written_once_and_read_back_on_access(
 async def test_snapshot_size_does_not_grow_with_finished_loops(settings: LoopSettings) -> None:
     loop = Steady(settings, size=30_000)
     await loop.run(loop_n=60)
-    sizes = {(i.loop_idx, i.step_idx): i.state_size for i in list_snapshots(loop.session_folder)}
-    early, late = sizes[(5, 0)], sizes[(59, 0)]
-    assert late < early * 1.1, (early, late)
+    infos = {(i.loop_idx, i.step_idx): i for i in list_snapshots(loop.session_folder)}
+    early, late = infos[(5, 0)], infos[(59, 0)]
+    assert late.state_size < early.state_size * 1.1, (early, late)
+    assert late.size < early.size + 200, (early, late)  # the step file, loop records' refs and all
 
 
 async def test_disk_grows_with_new_state_not_with_snapshots(settings: LoopSettings) -> None:
@@ -308,11 +324,12 @@ async def test_snapshots_are_written_off_the_event_loop_thread(
 ) -> None:
     import rdagent_loop._session._atomic as atomic
 
-    writers: set[str] = set()
+    event_loop_thread = threading.get_ident()
+    writers: set[int] = set()  # the threads of this process that put a file in place
     real = atomic._replace
 
     def spy(src: str, dst: str) -> None:
-        writers.add(threading.current_thread().name)
+        writers.add(threading.get_ident())
         real(src, dst)
 
     atomic._replace = spy  # type: ignore[assignment]
@@ -322,14 +339,13 @@ async def test_snapshots_are_written_off_the_event_loop_thread(
     finally:
         atomic._replace = real  # type: ignore[assignment]
     assert [p.name for p in files(loop)] == ["0_s0", "1_s1", "2_s2", "3_s3"]
-    if writer == "thread":
-        assert writers == {"rdagent-loop-snapshots"}
+    if writer == "thread":  # worker threads (AnyIO's), never the event loop's
+        assert writers and event_loop_thread not in writers
         assert loop.writers == []
-    else:  # Linux: one writer process, no file written by a thread of this process
+    else:  # one writer process, no file written by a thread of this process
         assert writers == set()
         assert len(loop.writers) == 1
         assert not psutil.pid_exists(loop.writers[0])  # waited for, when the run ended
-    assert not [t for t in threading.enumerate() if t.name == "rdagent-loop-snapshots"]
 
 
 async def test_a_session_loaded_by_a_relative_path_continues_in_an_absolute_folder(
