@@ -182,7 +182,7 @@ class FileOp:
     def __init__(
         self,
         path: str,
-        data: bytes | bytearray | memoryview | None,
+        data: bytes | bytearray | memoryview | list[bytes] | None,
         durability: Durability,
         *,
         sync_dir: bool = True,
@@ -208,7 +208,7 @@ class FileOp:
         else:
             written = write_atomic(
                 self.path,
-                [self.data],
+                self.data if isinstance(self.data, list) else [self.data],
                 self.durability,
                 sync_dir=self.sync_dir,
                 make_dir=self.make_dir,

@@ -40,7 +40,7 @@ from ._atomic import Durability, FileOp
 from ._blobs import Blobs, dumps
 from ._chunks import SEGMENT_MIN, STORE_NAME, ChunkIndex
 from ._format import ENGINE_VERSION, FORMAT_VERSION, clock, encode_tail, qualified_name
-from ._pages import LoopPages, NewPage
+from ._pages import LoopPages, PageRef, PagesPicture
 
 PROTOCOL = 5
 CAPTURE_ATTEMPTS = 3
@@ -168,8 +168,8 @@ class SnapshotJob:
     segments: list[Segment]
     whole: bool
     saved: Saved | None = None
-    pages: list[NewPage] = field(default_factory=list)
-    loops: dict[str, Any] | None = None
+    pages: list[PageRef] = field(default_factory=list)
+    loops: PagesPicture | None = None
     per_loop: list[str] = field(default_factory=list)
     record_blobs: dict[str, bytes] = field(default_factory=dict)
     written_at: tuple[int, int] = (0, 0)
@@ -177,9 +177,7 @@ class SnapshotJob:
     @property
     def nbytes(self) -> int:
         size = sum(len(data) + sum(map(len, blobs.values())) for _, data, blobs in self.segments)
-        return (
-            size + sum(len(p.data) for p in self.pages) + sum(map(len, self.record_blobs.values()))
-        )
+        return size + sum(p.size for p in self.pages) + sum(map(len, self.record_blobs.values()))
 
     @property
     def chunked(self) -> bool:
@@ -223,7 +221,7 @@ class SnapshotJob:
             for sha, blob in self.record_blobs.items():
                 self._store(ops, sha, blob)
             for page in self.pages:
-                self._store(ops, page.sha, page.data)
+                self._store(ops, page.sha, page.parts)
             if ops and self.durability == "fsync":
                 # written first, fsynced after: the first fsync commits the others' data
                 # with it, so a 30 MB first snapshot is not 114 fsyncs in a row. A file
@@ -253,14 +251,14 @@ class SnapshotJob:
             "state": "object" if self.whole else "dict",
             "attrs": attrs,
             "per_loop": self.per_loop,
-            "loops": self.loops,
+            "loops": None if self.loops is None else self.loops.manifest(),
         }
         data = body + encode_tail(fields, self.key)
         tmp = None if saved is None else saved.tmp
         ops.append(FileOp(self.path, data, self.durability, make_dir=True, tmp_dir=tmp, done=done))
         return ops
 
-    def _store(self, ops: list[FileOp], sha: str, data: bytes | memoryview) -> None:
+    def _store(self, ops: list[FileOp], sha: str, data: bytes | memoryview | list[bytes]) -> None:
         saved = self.saved
         assert saved is not None
         if sha in saved.index.known:
@@ -365,7 +363,7 @@ def make_job(
         finished = (lambda li: steps.peek(li, 0) >= n) if steps is not None else (lambda li: False)
         job.pages = saved.pages.commit(records, finished, int(getattr(obj, "loop_idx", 0)))
         job.record_blobs = saved.pages.take_new_blobs()
-        job.loops = saved.pages.manifest() if maps else None
+        job.loops = saved.pages.picture() if maps else None
         job.per_loop = sorted(maps)
         saved.blobs.forget_unseen()
     job.written_at = clock.tick()

@@ -40,12 +40,32 @@ Record = tuple[bytes, dict[str, bytes], bytes]
 """A loop's pickled record, the blobs it refers to, and a short hash of it."""
 
 
-@dataclass
-class NewPage:
-    """A page to write: its name in the store and its bytes."""
+class PageRef:
+    """A page of the store: a new one holds its bytes as parts (the records themselves,
+    never copied: a job queued behind a busy disk costs no page-sized buffer); a page read
+    back holds only its name. Its SHA-256 is computed once, when first asked for (by the
+    writer, in order)."""
 
-    sha: str
-    data: bytes
+    __slots__ = ("_sha", "parts", "size")
+
+    def __init__(
+        self, parts: list[bytes] | None = None, *, size: int = 0, sha: str | None = None
+    ) -> None:
+        self.parts = parts or []
+        self.size = sum(map(len, self.parts)) if parts is not None else size
+        self._sha = sha
+
+    @property
+    def sha(self) -> str:
+        if self._sha is None:
+            digest = hashlib.sha256()
+            for part in self.parts:
+                digest.update(part)
+            self._sha = digest.hexdigest()
+        return self._sha
+
+    def ref(self) -> list[Any]:
+        return [self.size, self.sha]
 
 
 @dataclass
@@ -61,9 +81,9 @@ class LoopPages:
     """Loop -> the store file holding its record, for records too large for a page."""
     digests: dict[int, bytes] = field(default_factory=dict)
     """A hash of every loop's last record (sealed ones too): is a touched loop changed?"""
-    open: dict[int, Ref] = field(default_factory=dict)
-    """Open page -> where it was last written."""
-    chain: Ref | None = None
+    open: dict[int, PageRef] = field(default_factory=dict)
+    """Open page -> its last version."""
+    chain: PageRef | None = None
     """The newest sealed page."""
     sealed: int = 0
     """Pages ``0..sealed-1`` are in the chain."""
@@ -89,7 +109,7 @@ class LoopPages:
 
     def commit(
         self, records: dict[int, Record | None], finished: Callable[[int], bool], admitted: int
-    ) -> list[NewPage]:
+    ) -> list[PageRef]:
         """Take the changed records; return the pages to write (sealed ones, then open)."""
         changed: set[int] = set()
         for li, record in records.items():
@@ -114,8 +134,7 @@ class LoopPages:
             pages.append(self._seal())
             changed.discard(self.sealed - 1)
         for page in sorted(changed):
-            new = self._page(page, prev=None)
-            self.open[page] = (len(new.data), new.sha)
+            new = self.open[page] = self._page(page, prev=None)
             pages.append(new)
         return pages
 
@@ -130,10 +149,9 @@ class LoopPages:
             return False
         return all(finished(li) for li in range(first, first + PAGE))
 
-    def _seal(self) -> NewPage:
+    def _seal(self) -> PageRef:
         page = self.sealed
-        new = self._page(page, prev=self.chain)
-        self.chain = (len(new.data), new.sha)
+        new = self.chain = self._page(page, prev=self.chain)
         self.sealed += 1
         self.open.pop(page, None)
         for li in range(page * PAGE, page * PAGE + PAGE):
@@ -141,7 +159,7 @@ class LoopPages:
             self.stored.pop(li, None)
         return new
 
-    def _page(self, page: int, prev: Ref | None) -> NewPage:
+    def _page(self, page: int, prev: PageRef | None) -> PageRef:
         lo = page * PAGE
         loops = [li for li in range(lo, lo + PAGE) if li in self.records]
         entries: list[list[Any]] = []
@@ -154,15 +172,26 @@ class LoopPages:
                 inline.append(data)
             else:
                 entries[-1].append(sha)  # in the store, not in the page
-        head = json.dumps({"prev": prev, "loops": entries}, separators=(",", ":")).encode()
-        data = b"".join([head, b"\n", *inline])
-        return NewPage(hashlib.sha256(data).hexdigest(), data)
+        fields = {"prev": None if prev is None else prev.ref(), "loops": entries}
+        head = json.dumps(fields, separators=(",", ":")).encode()
+        return PageRef([head, b"\n", *inline])
+
+    def picture(self) -> PagesPicture:
+        """What a step file taken now points at (named once the writer gets to it)."""
+        return PagesPicture(self.chain, self.sealed, dict(self.open))
+
+
+@dataclass(frozen=True, slots=True)
+class PagesPicture:
+    chain: PageRef | None
+    sealed: int
+    open: dict[int, PageRef]
 
     def manifest(self) -> dict[str, Any]:
         return {
-            "chain": self.chain,
+            "chain": None if self.chain is None else self.chain.ref(),
             "sealed": self.sealed,
-            "open": sorted([page, size, sha] for page, (size, sha) in self.open.items()),
+            "open": [[page, *self.open[page].ref()] for page in sorted(self.open)],
         }
 
 

@@ -33,7 +33,7 @@ from ._format import (
     read_manifest,
     signing_key,
 )
-from ._pages import LoopPages, PageEntry, parse_page
+from ._pages import LoopPages, PageEntry, PageRef, parse_page
 
 _FACTORIES: dict[str, Callable[[], Any]] = {
     "step_idx": int,
@@ -184,7 +184,7 @@ def _records(store: _Store, loops: Any) -> tuple[dict[int, PageEntry], LoopPages
     if not loops:
         return records, pages
     ref = loops["chain"]
-    pages.chain = None if ref is None else (int(ref[0]), str(ref[1]))
+    pages.chain = None if ref is None else PageRef(size=int(ref[0]), sha=str(ref[1]))
     pages.sealed = int(loops["sealed"])
     while ref is not None:
         size, sha = int(ref[0]), str(ref[1])
@@ -194,7 +194,7 @@ def _records(store: _Store, loops: Any) -> tuple[dict[int, PageEntry], LoopPages
     open_loops: set[int] = set()
     for page, size, sha in loops["open"]:
         _, entries = parse_page(store.get(str(sha), int(size)), f"page {str(sha)[:12]}")
-        pages.open[int(page)] = (int(size), str(sha))
+        pages.open[int(page)] = PageRef(size=int(size), sha=str(sha))
         for entry in entries:
             records[entry.loop_idx] = entry
             open_loops.add(entry.loop_idx)

@@ -333,7 +333,9 @@ class SnapshotWriter:
                 | (MAKE_DIR if op.make_dir else 0)
                 | (IF_ABSENT if op.if_absent else 0)
             )
-            buffers += (FRAME.pack(WRITE, flags, len(path), len(op.data)), path, op.data)
+            parts = op.data if isinstance(op.data, list) else [op.data]
+            size = sum(map(len, parts))
+            buffers += (FRAME.pack(WRITE, flags, len(path), size), path, *parts)
         small = [b for b in buffers if len(b) < SEND_SLICE]
         if len(small) == len(buffers):
             await self._write_pipe(process, b"".join(buffers))
