@@ -36,6 +36,7 @@ import anyio
 
 from benchmarks._scratch import scratch
 from benchmarks.bench_engine import format_table, ideal_wall
+from benchmarks.bench_executors import Heavy
 from rdagent_loop import LoopBase, LoopSettings
 
 Row = tuple[str, str, str]
@@ -69,7 +70,6 @@ RSS_BAR = 2.0
 
 # 4. sync steps on the default executors
 SYNC_LOOPS, SYNC_STEPS, SYNC_STEP_S, SYNC_LIMIT = 20, 5, 0.05, 4
-SYNC_STATE_BYTES = 10_000_000
 SYNC_BAR = 1.2
 
 
@@ -432,34 +432,16 @@ def bench_big_state() -> list[Row]:
 # -- 4. sync steps, default settings ----------------------------------------------------------
 
 
-class SyncHeavy(LoopBase):
-    """Five sync steps of ``SYNC_STEP_S``; ``self`` carries 10 MB (as in bench_executors).
-
-    With the default executors the middle three run in the process pool, the first (the
-    kickoff's) and the last inline, on the event loop's thread."""
+class SyncHeavy(Heavy):
+    """``bench_executors.Heavy`` (10 MB in ``self``) with a fifth step, each of
+    ``SYNC_STEP_S``. With the default executors the middle three run in the process pool,
+    the first (the kickoff's) and the last inline, on the event loop's thread."""
 
     def __init__(self, settings: LoopSettings) -> None:
-        super().__init__(settings)
-        self.state = {"data": os.urandom(SYNC_STATE_BYTES), "notes": ["small"] * 100}
-
-    def s0(self, prev_out: dict[str, Any]) -> int:
-        return self._work(prev_out)
-
-    def s1(self, prev_out: dict[str, Any]) -> int:
-        return self._work(prev_out)
-
-    def s2(self, prev_out: dict[str, Any]) -> int:
-        return self._work(prev_out)
-
-    def s3(self, prev_out: dict[str, Any]) -> int:
-        return self._work(prev_out)
+        super().__init__(settings, seconds=SYNC_STEP_S)
 
     def s4(self, prev_out: dict[str, Any]) -> int:
         return self._work(prev_out)
-
-    def _work(self, prev_out: dict[str, Any]) -> int:
-        time.sleep(SYNC_STEP_S)
-        return len(prev_out) + len(self.state)
 
 
 def inline_ideal(loops: int, steps: int, step_s: float, limit: int) -> float:

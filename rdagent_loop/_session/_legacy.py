@@ -25,7 +25,6 @@ oldest first, and dumped again under its own name in today's format.
 from __future__ import annotations
 
 import contextlib
-import copyreg
 import filecmp
 import hashlib
 import hmac
@@ -47,7 +46,7 @@ from .._loops import LoopMap
 from ._atomic import fsync_dir
 from ._format import OLD_MAGIC, read_manifest, signing_key
 from ._lock import SessionLock
-from ._reader import resolve_class
+from ._reader import instantiate, resolve_class
 
 FORMAT = 2
 MAX_HEADER = 64 * 1024
@@ -378,13 +377,7 @@ class Format2Reader:
             ) from exc
         if isinstance(state, dict):
             state = self._today(path, state, maps)
-        obj: Any = copyreg.__newobj__(cls)  # type: ignore[attr-defined]  # what pickle does
-        setstate = getattr(obj, "__setstate__", None)
-        if setstate is not None:
-            setstate(state)
-        else:
-            obj.__dict__.update(state)
-        return obj
+        return instantiate(cls, state)
 
     def _today(self, path: Path, state: dict[str, Any], maps: _Maps) -> dict[str, Any]:
         """0.1's state as today's engine holds it: finished loops back in the loop maps,

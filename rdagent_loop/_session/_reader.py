@@ -165,16 +165,22 @@ class Verified:
                 f"{snapshot.path} holds a snapshot of {snapshot.manifest.cls}, but {where} "
                 f"cannot be rebuilt: {exc} (was a module or class it uses renamed or moved?)"
             ) from exc
-        obj: Any = copyreg.__newobj__(cls)  # type: ignore[attr-defined]  # what pickle does
-        setstate = getattr(obj, "__setstate__", None)
-        if setstate is not None:
-            setstate(state)
-        else:
-            obj.__dict__.update(state)
+        obj = instantiate(cls, state)
         folder = snapshot.session
         if folder is not None and isinstance(getattr(obj, "__dict__", None), dict):
             obj.__dict__["_saved"] = snapshot._seed(folder, self.store, self.pages)
         return obj
+
+
+def instantiate(cls: type, state: Any) -> Any:
+    """An object of ``cls`` with ``state``, as unpickling builds one."""
+    obj: Any = copyreg.__newobj__(cls)  # type: ignore[attr-defined]
+    setstate = getattr(obj, "__setstate__", None)
+    if setstate is not None:
+        setstate(state)
+    else:
+        obj.__dict__.update(state)
+    return obj
 
 
 def _records(store: _Store, loops: Any) -> tuple[dict[int, PageEntry], LoopPages]:
