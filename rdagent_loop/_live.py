@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 import anyio
 
 from ._inspect import summarize
+from ._loops import peek
 from ._timeline import format_seconds
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ class LiveDisplay:
         for li in flying[:room]:
             at = loop.step_idx.get(li, 0)
             name = loop.steps[at] if at < n else "done"
-            traces = loop.loop_trace.get(li) or []
+            traces = peek(loop.loop_trace, li) or []  # not "touched": nothing changed
             since = f"{format_seconds((now - traces[-1].end).total_seconds())}" if traces else ""
             bar = "█" * at + "░" * (n - at)
             out.append(f"  loop {li:>4} {bar} {name:<16} {since}")

@@ -66,6 +66,21 @@ class LoopMap(MutableMapping[int, V]):
         del self._values[loop_idx]
         self._wrote(loop_idx)
 
+    # as dict's (MutableMapping's would go through the missing-key default of ``[]``)
+
+    def pop(self, loop_idx: int, *default: Any) -> Any:
+        if loop_idx in self._values:
+            self._wrote(loop_idx)
+        return self._values.pop(loop_idx, *default)
+
+    def setdefault(self, loop_idx: int, default: Any = None) -> Any:
+        if loop_idx not in self._values:
+            self[loop_idx] = default
+        return self[loop_idx]
+
+    def copy(self) -> LoopMap[V]:
+        return LoopMap(self.factory, self._values)
+
     def __contains__(self, loop_idx: object) -> bool:
         return loop_idx in self._values
 
@@ -117,6 +132,13 @@ def _rebuild(factory: Callable[[], V] | str, values: dict[int, V]) -> LoopMap[V]
     if isinstance(factory, str):
         factory = _FACTORIES[factory]
     return LoopMap(factory, values)
+
+
+def peek(mapping: Any, loop_idx: int, default: Any = None) -> Any:
+    """Read one loop's value for display, without counting it as touched (any mapping)."""
+    if isinstance(mapping, LoopMap):
+        return mapping.peek(loop_idx, default)
+    return mapping.get(loop_idx, default)
 
 
 PER_LOOP = ("step_idx", "loop_prev_out", "loop_trace", "withdraw_base")

@@ -59,8 +59,19 @@ class BlobPickler(pickle.Pickler):
         return None
 
 
-def dumps(value: Any, blobs: Blobs) -> tuple[bytes, dict[str, bytes]]:
-    """``value`` pickled, and the blobs it refers to (sha256 -> bytes)."""
+def dumps(value: Any, blobs: Blobs, *, large: bool = True) -> tuple[bytes, dict[str, bytes]]:
+    """``value`` pickled, and the blobs it refers to (sha256 -> bytes).
+
+    ``large=False``: the value was small last time. It is pickled by the C pickler alone
+    first (``persistent_id`` is a Python call per object: a capture of 2,000 objects took
+    1.5x as long, and a thread step changing ``self`` tore it more often, tests/session
+    test_24); a pickle under ``BLOB_MIN`` cannot hold a blob, and only a larger one is made
+    again with blobs put aside.
+    """
+    if not large:
+        data = pickle.dumps(value, PROTOCOL)
+        if len(data) < BLOB_MIN:
+            return data, {}
     out = io.BytesIO()
     pickler = BlobPickler(out, blobs)
     pickler.dump(value)

@@ -150,7 +150,7 @@ def _check_refs(file: Path, fields: dict[str, Any], deep: bool) -> int:
     loops = fields.get("loops") or {}
     if loops.get("chain"):
         refs.append((int(loops["chain"][0]), str(loops["chain"][1])))
-    refs += [(int(n), str(sha)) for _, n, sha in loops.get("open", ())]
+    refs += [(int(n), str(sha[0])) for _, n, *sha in loops.get("open", ()) if sha]
     for expected, sha in refs:
         try:
             actual = (store / sha).stat().st_size

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .._compat import add_note
 from .._errors import SessionBusyError
+from ._atomic import ensure_dir
 
 LOCK_FOLDER = ".lock"
 _NOT_A_FOLDER = (errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
@@ -44,7 +45,9 @@ class SessionLock:
         """
         while True:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # made durable, whatever the run's durability: once per run, and a session
+                # folder lost to a power cut would take every fsynced file in it along
+                ensure_dir(self.path.parent, "fsync")
                 fd = os.open(self.path, _FLAGS, 0o644)
             except OSError as error:
                 trace_path = self.folder.parent

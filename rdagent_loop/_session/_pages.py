@@ -101,7 +101,7 @@ class LoopPages:
                 if li in self.digests:
                     records[li] = None
                 continue
-            data, found = dumps(record, blobs)
+            data, found = dumps(record, blobs, large=False)
             digest = hashlib.blake2b(data, digest_size=16).digest()
             if self.digests.get(li) != digest:
                 records[li] = (data, found, digest)
@@ -110,7 +110,7 @@ class LoopPages:
     def commit(
         self, records: dict[int, Record | None], finished: Callable[[int], bool], admitted: int
     ) -> list[PageRef]:
-        """Take the changed records; return the pages to write (sealed ones, then open)."""
+        """Take the changed records; return the pages sealed now (to store)."""
         changed: set[int] = set()
         for li, record in records.items():
             changed.add(li // PAGE)
@@ -133,9 +133,8 @@ class LoopPages:
         while self._sealable(finished, admitted):
             pages.append(self._seal())
             changed.discard(self.sealed - 1)
-        for page in sorted(changed):
-            new = self.open[page] = self._page(page, prev=None)
-            pages.append(new)
+        for page in sorted(changed):  # the step file keeps them, or stores them (capture)
+            self.open[page] = self._page(page, prev=None)
         return pages
 
     def take_new_blobs(self) -> dict[str, bytes]:
@@ -181,17 +180,22 @@ class LoopPages:
         return PagesPicture(self.chain, self.sealed, dict(self.open))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PagesPicture:
     chain: PageRef | None
     sealed: int
     open: dict[int, PageRef]
+    inline: bool = False
+    """The open pages are in the step file itself, after the attributes."""
 
     def manifest(self) -> dict[str, Any]:
         return {
             "chain": None if self.chain is None else self.chain.ref(),
             "sealed": self.sealed,
-            "open": [[page, *self.open[page].ref()] for page in sorted(self.open)],
+            "open": [
+                [page, self.open[page].size] if self.inline else [page, *self.open[page].ref()]
+                for page in sorted(self.open)
+            ],
         }
 
 

@@ -94,8 +94,9 @@ class Snapshot:
         folder = self.session
         store = _Store(None if folder is None else folder / STORE_NAME, self.path)
         try:
-            segments = self._segments(store)
-            records, pages = _records(store, fields.get("loops"))
+            segments, offset = self._segments(store)
+            body = memoryview(self.body)[offset:]
+            records, pages = _records(store, fields.get("loops"), body)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise SnapshotError(f"{self.path} has a corrupt manifest: {exc!r}") from None
         return Verified(self, store, segments, records, pages)
@@ -104,8 +105,9 @@ class Snapshot:
         """The loop object, an instance of ``expected`` or of a subclass of it."""
         return self.verify().build(expected)
 
-    def _segments(self, store: _Store) -> list[tuple[str, bytes]]:
-        """Every attribute's pickle, and every blob they refer to, read and checked."""
+    def _segments(self, store: _Store) -> tuple[list[tuple[str, bytes]], int]:
+        """Every attribute's pickle, and every blob they refer to, read and checked; and
+        where the inline bytes after them start."""
         body = memoryview(self.body)
         offset = self.manifest.body_offset
         segments = []
@@ -121,9 +123,7 @@ class Snapshot:
             for sha, size in refs:
                 store.get(str(sha), int(size))
             segments.append((str(name), b"".join(parts)))
-        if offset != len(body):
-            raise SnapshotError(f"{self.path} has a corrupt manifest: inline sizes do not add up")
-        return segments
+        return segments, offset
 
     def _seed(self, folder: Path, store: _Store, pages: LoopPages) -> Saved:
         """What this snapshot proves the session holds: the next snapshot builds on it."""
@@ -183,11 +183,17 @@ def instantiate(cls: type, state: Any) -> Any:
     return obj
 
 
-def _records(store: _Store, loops: Any) -> tuple[dict[int, PageEntry], LoopPages]:
-    """Every loop's record entry (newest wins), and the pages' state to continue from."""
+def _records(
+    store: _Store, loops: Any, inline: memoryview
+) -> tuple[dict[int, PageEntry], LoopPages]:
+    """Every loop's record entry (newest wins), and the pages' state to continue from.
+    ``inline``: the step file's bytes after the attributes (its open pages, if it holds
+    them)."""
     pages = LoopPages()
     records: dict[int, PageEntry] = {}
     if not loops:
+        if len(inline):
+            raise ValueError("inline sizes do not add up")
         return records, pages
     ref = loops["chain"]
     pages.chain = None if ref is None else PageRef(size=int(ref[0]), sha=str(ref[1]))
@@ -198,12 +204,21 @@ def _records(store: _Store, loops: Any) -> tuple[dict[int, PageEntry], LoopPages
         for entry in entries:
             records.setdefault(entry.loop_idx, entry)
     open_loops: set[int] = set()
-    for page, size, sha in loops["open"]:
-        _, entries = parse_page(store.get(str(sha), int(size)), f"page {str(sha)[:12]}")
-        pages.open[int(page)] = PageRef(size=int(size), sha=str(sha))
+    offset = 0
+    for page, size, *stored in loops["open"]:
+        if stored:
+            data = store.get(str(stored[0]), int(size))
+            pages.open[int(page)] = PageRef(size=int(size), sha=str(stored[0]))
+        else:  # in the step file
+            data = bytes(inline[offset : offset + int(size)])
+            offset += int(size)
+            pages.open[int(page)] = PageRef([data])
+        _, entries = parse_page(data, f"open page {page}")
         for entry in entries:
             records[entry.loop_idx] = entry
             open_loops.add(entry.loop_idx)
+    if offset != len(inline):
+        raise ValueError("inline sizes do not add up")
     for li, entry in records.items():
         if entry.stored is not None:
             entry.data = store.get(entry.stored, entry.size)

@@ -44,7 +44,16 @@ from .._compat import add_note
 from .._errors import SnapshotError
 from ._atomic import FileOp
 from ._capture import SnapshotJob
-from ._disk_worker import END, FRAME, FSYNC, IF_ABSENT, MAKE_DIR, SYNC_DIR, SYNC_PARENT, WRITE
+from ._disk_worker import (
+    END,
+    FRAME,
+    FSYNC,
+    IF_ABSENT,
+    MAKE_DIR,
+    SYNC_DIR,
+    SYNC_PARENT,
+    WRITE,
+)
 
 if TYPE_CHECKING:
     from ._atomic import Fsync

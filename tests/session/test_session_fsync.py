@@ -44,13 +44,14 @@ def identity(path: Path) -> Identity:
 
 
 def snapshot_jobs(session: Path, durability: Durability) -> list[SnapshotJob]:
-    """The snapshots of three loops of ``Grows``, made as its ``dump()`` makes them: the
-    history's entries are blobs, ``notes`` is cut into chunks, the loops' records go into a
-    page. The same bytes at every call (the store's files are the same)."""
+    """The snapshots of 17 loops of ``Grows``, made as its ``dump()`` makes them: the
+    history's entries are blobs, ``notes`` is cut into chunks, the loops' records go into
+    pages (the first 16 sealed in the store). The same bytes at every call (the store's
+    files are the same)."""
     loop = Grows(LoopSettings(trace_path=session.parent, progress=False), size=70_000)
     loop.notes = [payload(n, 0, 100) for n in range(1_000)]  # type: ignore[attr-defined]
     jobs = []
-    for li in range(3):
+    for li in range(17):
         loop.loop_idx = li + 1
         for si, name in enumerate(loop.steps):
             if name == "record":
@@ -71,7 +72,7 @@ def pointed_at(step_file: Path) -> dict[str, list[Path]]:
     shas = {
         "chunk": [p[1] for _, pieces, _ in fields["attrs"] for p in pieces if len(p) > 1],
         "blob": [sha for _, _, refs in fields["attrs"] for sha, _ in refs],
-        "page": [sha for _, _, sha in loops["open"]]
+        "page": [sha[0] for _, _, *sha in loops["open"] if sha]  # else in the step file
         + ([loops["chain"][1]] if loops["chain"] else []),
     }
     store = step_file.parent.parent / ".chunks"

@@ -267,7 +267,7 @@ async def test_finished_loops_records_are_sealed_once_and_read_back(
     assert (infos[first].loop_idx, infos[first].step_idx) == (15, 1)
     assert all(p["sealed"] == 0 and p["chain"] is None for p in pages[:first])
     assert all(p["sealed"] == 1 and p["chain"] == pages[first]["chain"] for p in pages[first:])
-    assert all([page for page, _, _ in p["open"]] == [1] for p in pages[first + 1 :])
+    assert all([page for page, *_ in p["open"]] == [1] for p in pages[first + 1 :])
     resumed = Grows.load(loop.session_folder)
     for li in range(20):
         assert resumed.loop_prev_out[li]["propose"] == loop.loop_prev_out[li]["propose"]
@@ -280,7 +280,7 @@ async def test_snapshot_size_does_not_grow_with_finished_loops(settings: LoopSet
     loop = Steady(settings, size=30_000)
     await loop.run(loop_n=60)
     infos = {(i.loop_idx, i.step_idx): i for i in list_snapshots(loop.session_folder)}
-    early, late = infos[(5, 0)], infos[(59, 0)]
+    early, late = infos[(5, 0)], infos[(53, 0)]  # the same place in their pages of 16
     assert late.state_size < early.state_size * 1.1, (early, late)
     assert late.size < early.size + 200, (early, late)  # the step file, loop records' refs and all
 
