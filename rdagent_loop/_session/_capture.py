@@ -110,6 +110,8 @@ class Saved:
     blobs: Blobs = field(default_factory=Blobs)
     valid: bool = True
     """False once a write failed: what it claims to be stored may not be."""
+    last: dict[str, Segment] = field(default_factory=dict)
+    """Each attribute's segment in the last snapshot."""
     small: set[str] = field(default_factory=set)
     """Attributes whose pickle was small last time (see ``_blobs.dumps``)."""
     store: str = ""
@@ -288,6 +290,12 @@ def _segment(saved: Saved, name: str, value: Any) -> Segment:
         saved.small.discard(name)
     else:
         saved.small.add(name)
+    last = saved.last.get(name)
+    if last is not None and last[1] == segment[1]:
+        # the same bytes as last time: keep one copy, so that jobs queued behind a busy
+        # disk do not each hold their own (1,000 loops in flight: 5.6 of 20.7 MB)
+        return last
+    saved.last[name] = segment
     return segment
 
 
