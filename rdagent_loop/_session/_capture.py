@@ -264,9 +264,8 @@ class SnapshotJob:
     def _store(self, ops: list[FileOp], sha: str, data: bytes | memoryview | list[bytes]) -> None:
         saved = self.saved
         assert saved is not None
-        if sha in saved.index.known:
+        if not saved.index.claim(sha):
             return
-        saved.index.known.add(sha)
         path = f"{saved.store}{os.sep}{sha}"  # not os.path.join: this runs for every file
         ops.append(
             FileOp(

@@ -16,7 +16,6 @@ more than the disk writes it saves.
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -87,9 +86,11 @@ def sha256(data: bytes | memoryview) -> str:
 
 
 class ChunkIndex:
-    """What this process knows about one chunk store, to write each chunk once.
+    """What this process knows about one store, to write each of its files once.
 
-    ``known`` are chunks verified to be complete in the store; ``segments`` remembers how each
+    ``known`` are files (chunks, blobs, pages) a verified snapshot reads or this process has
+    handed to the writer (``Saved.valid`` says when a failed write voids that); ``segments``
+    remembers how each
     segment was cut last time, so an unchanged prefix is recognised by hashing it (no second
     copy of the state is kept) and only what follows it is cut again.
     """
@@ -98,7 +99,6 @@ class ChunkIndex:
         self.store = store
         self.known: set[str] = set()
         self.segments: dict[str, list[Piece]] = {}
-        self.lock = threading.Lock()
 
     def split(self, name: str, data: memoryview) -> tuple[list[tuple[Piece, memoryview]], int]:
         """Cut segment ``name`` into pieces, reusing the cuts of its last version.
@@ -129,29 +129,14 @@ class ChunkIndex:
         self.segments[name] = [piece for piece, _ in pieces]
         return pieces, unchanged
 
-    def claim(self, digest: str, data: memoryview) -> bool:
-        """True if chunk ``digest`` must be written now; it then counts as known, so the
-        caller must write it before anything that refers to it (its writes keep order)."""
+    def claim(self, digest: str) -> bool:
+        """True if the store file ``digest`` must be written now; it then counts as known,
+        so the caller must write it before anything that refers to it (its writes keep
+        order). A file already there is left as it is by the write (``if_absent``)."""
         if digest in self.known:
             return False
-        path = self.store / digest
-        if path.is_file():
-            try:
-                read_chunk(self.store, digest, len(data))
-            except (SnapshotError, OSError):
-                pass  # a damaged copy (a power cut in "flush" mode): write it again
-            else:
-                self.known.add(digest)
-                return False
         self.known.add(digest)
         return True
-
-    def forget(self) -> None:
-        """Know nothing any more: after a failed write, chunks claimed by snapshots that were
-        then not written are not in the store, and must be checked (and written) again."""
-        with self.lock:
-            self.known.clear()
-            self.segments.clear()
 
     def seed(self, segments: Iterable[tuple[str, list[Piece]]], stored: Iterable[str]) -> None:
         """Start from a snapshot that was just read and verified."""

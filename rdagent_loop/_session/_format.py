@@ -16,7 +16,6 @@ HMAC over it covers all of it.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import json
@@ -47,11 +46,6 @@ class OldFormatError(SnapshotError):
 def qualified_name(cls: type) -> str:
     """``module:qualname``: what a manifest records, and what a loader imports."""
     return f"{cls.__module__}:{cls.__qualname__}"
-
-
-@functools.lru_cache(maxsize=256)
-def json_string(text: str) -> str:
-    return json.dumps(text)
 
 
 class _Clock:

@@ -128,10 +128,12 @@ class Snapshot:
     def _seed(self, folder: Path, store: _Store, pages: LoopPages) -> Saved:
         """What this snapshot proves the session holds: the next snapshot builds on it."""
         index = ChunkIndex(folder / STORE_NAME)
-        index.known.update(store.files)
-        for name, pieces, _ in self.manifest.fields["attrs"]:
-            if all(len(p) > 1 for p in pieces):
-                index.segments[str(name)] = [(int(p[0]), str(p[1])) for p in pieces]
+        chunked = [
+            (str(name), [(int(p[0]), str(p[1])) for p in pieces])
+            for name, pieces, _ in self.manifest.fields["attrs"]
+            if all(len(p) > 1 for p in pieces)
+        ]
+        index.seed(chunked, store.files)
         return Saved(os.fspath(folder), index, pages)
 
 
