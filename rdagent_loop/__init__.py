@@ -5,6 +5,7 @@ from ._budget import parse_duration as parse_duration
 from ._errors import LoopError as LoopError
 from ._errors import LoopResumeError as LoopResumeError
 from ._errors import LoopTerminationError as LoopTerminationError
+from ._errors import QuestionTimeoutError as QuestionTimeoutError
 from ._errors import RemoteStepError as RemoteStepError
 from ._errors import SessionBusyError as SessionBusyError
 from ._errors import SnapshotError as SnapshotError
@@ -15,7 +16,10 @@ from ._handle import LoopRun as LoopRun
 from ._handle import ResultStream as ResultStream
 from ._loop import LoopBase as LoopBase
 from ._loop import LoopMeta as LoopMeta
+from ._questions import answer as answer
+from ._questions import pending_questions as pending_questions
 from ._results import LoopTrace as LoopTrace
+from ._results import Question as Question
 from ._results import RunSummary as RunSummary
 from ._results import StepResult as StepResult
 from ._run import RunStatistics as RunStatistics
@@ -35,6 +39,8 @@ __all__ = (
     "LoopSettings",
     "LoopTerminationError",
     "LoopTrace",
+    "Question",
+    "QuestionTimeoutError",
     "RemoteStepError",
     "ResultStream",
     "RunStatistics",
@@ -48,7 +54,9 @@ __all__ = (
     "StepTimeoutError",
     "Timer",
     "WorkerCrashedError",
+    "answer",
     "list_snapshots",
     "parse_duration",
+    "pending_questions",
     "step",
 )

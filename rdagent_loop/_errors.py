@@ -30,6 +30,18 @@ class StepTimeoutError(LoopError, TimeoutError):
         self.timeout = timeout
 
 
+class QuestionTimeoutError(LoopError, TimeoutError):
+    """A question (``loop.ask``) got no answer within its ``timeout``, and has no ``default``."""
+
+    def __init__(self, question_id: str, timeout: float) -> None:
+        super().__init__(f"question {question_id!r} got no answer within {timeout:g}s")
+        self.question_id = question_id
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.question_id, self.timeout))
+
+
 class SessionBusyError(LoopError):
     """Another run holds the session's lock: one run per session.
 

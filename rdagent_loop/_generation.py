@@ -165,7 +165,8 @@ class Generation:
         si = loop.step_idx.get(li, 0)
         name = loop.steps[si]
         await run.writer.wait_room()  # a writer far behind slows the steps down
-        async with run.limiters[name]:
+        slot = await run.limiters[name].take()
+        try:
             await run.budget.reserve()
             await run.outlet.reserve()
             if run.closing:  # past the deadline: only the grace period's end is awaited
@@ -178,7 +179,7 @@ class Generation:
             try:
                 with step_context(li, name):
                     output, attempts, retried = await call_step(
-                        run.runner, loop, li, si, name, timing
+                        run.runner, run.journal, loop, li, si, name, timing, slot
                     )
             except BaseException as exc:
                 skip = isinstance(exc, Exception) and isinstance(exc, loop.skip_loop_error)
@@ -199,6 +200,8 @@ class Generation:
                 output, error, attempts, retried = None, exc, 1, ()
             finally:
                 run.step_ended(name)
+        finally:
+            slot.release()
         if not self._complete(li, si, output, error, timing.started_at, attempts, retried):
             return False
         return self._after_step(li, si, name)

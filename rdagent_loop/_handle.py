@@ -24,9 +24,9 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._backend import spawn_detached
-from ._outlet import DiscardOutlet, ResultOutlet
+from ._outlet import DiscardOutlet, Item, ResultOutlet
 from ._progress import make_progress
-from ._results import RunSummary, StepResult
+from ._results import RunSummary
 from ._run import Run, RunStatistics
 
 if TYPE_CHECKING:
@@ -43,21 +43,29 @@ class _Outcome:
     done: anyio.Event = field(default_factory=anyio.Event)
 
 
-class ResultStream(AsyncIterator[StepResult]):
-    """The receive side of a run: async-iterate it for ``StepResult``s.
+class ResultStream(AsyncIterator[Item]):
+    """The receive side of a run: async-iterate it for ``StepResult``s, and the
+    ``Question``s steps ask (``loop.ask``), which ``answer`` answers.
 
     Engine errors are raised from ``__anext__`` as themselves once the results before them
     have been received. ``summary`` is set once the stream is exhausted.
     """
 
-    def __init__(self, outlet: ResultOutlet, outcome: _Outcome) -> None:
-        self._outlet = outlet
+    def __init__(self, run: Run, outcome: _Outcome) -> None:
+        self._run = run
+        self._outlet = run.outlet
         self._outcome = outcome
 
     def __aiter__(self) -> ResultStream:
         return self
 
-    async def __anext__(self) -> StepResult:
+    def answer(self, question_id: str, value: Any) -> None:
+        """Answer the open question ``question_id`` of this run: the answer is journaled,
+        then the waiting step goes on. ``KeyError`` naming the id if no such question is
+        open (unknown, or answered already)."""
+        self._run.journal.answer(question_id, value)
+
+    async def __anext__(self) -> Item:
         progress = self._outlet.progress
         progress.resume()  # the consumer waits: the bar may show
         try:
@@ -174,6 +182,12 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
             raise RuntimeError("the run has not started")
         return self._run.statistics()
 
+    def answer(self, question_id: str, value: Any) -> None:
+        """Answer an open question of this run (see ``ResultStream.answer``)."""
+        if self._run is None:
+            raise KeyError(f"no open question {question_id!r}: the run has not started")
+        self._run.journal.answer(question_id, value)
+
     # -- await ----------------------------------------------------------------------------
 
     def _coroutine(self) -> Coroutine[Any, Any, RunSummary]:
@@ -220,7 +234,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         await tg.__aenter__()
         self._tg = tg
         tg.start_soon(_drive, run, self._outcome)
-        self._results = ResultStream(run.outlet, self._outcome)
+        self._results = ResultStream(run, self._outcome)
         return self._results
 
     async def __aexit__(
@@ -253,7 +267,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
 
     # -- async for ------------------------------------------------------------------------
 
-    def __aiter__(self) -> AsyncIterator[StepResult]:
+    def __aiter__(self) -> AsyncIterator[Item]:
         return _DetachedIterator(self._claim("async for"), self._outcome, self._release)
 
 
@@ -271,7 +285,7 @@ async def _drive(run: Run, outcome: _Outcome) -> None:
         outcome.done.set()
 
 
-class _DetachedIterator(AsyncIterator[StepResult]):
+class _DetachedIterator(AsyncIterator[Item]):
     """The bare ``async for`` form, PEP 789-safe.
 
     The engine runs in a detached task, outside every cancel scope of the consumer, so its
@@ -285,7 +299,7 @@ class _DetachedIterator(AsyncIterator[StepResult]):
         self._outcome = outcome
         self._release = release
         self._started = False
-        self._results = ResultStream(run.outlet, outcome)
+        self._results = ResultStream(run, outcome)
         self._scope = anyio.CancelScope()
         self._never_started = weakref.finalize(self, _never_started, run.outlet, release)
         weakref.finalize(self, _stop, self._scope, run.outlet)
@@ -293,7 +307,11 @@ class _DetachedIterator(AsyncIterator[StepResult]):
     def __aiter__(self) -> _DetachedIterator:
         return self
 
-    async def __anext__(self) -> StepResult:
+    def answer(self, question_id: str, value: Any) -> None:
+        """Answer an open question of this run (see ``ResultStream.answer``)."""
+        self._results.answer(question_id, value)
+
+    async def __anext__(self) -> Item:
         if not self._started:
             self._started = True
             self._never_started.detach()

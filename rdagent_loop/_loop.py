@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from . import _session
+from . import _journal, _session
 from ._budget import Timer, check_count, parse_duration
 from ._current import run_of
 from ._errors import LoopResumeError, LoopTerminationError
 from ._handle import LoopRun
 from ._loops import LoopMap, no_value
 from ._results import LoopTrace
+from ._session._entries import pickle_value
 from ._session._lock import SessionLock
 from ._settings import LoopSettings
 from ._steps import collect_steps
@@ -131,6 +134,78 @@ class LoopBase(metaclass=LoopMeta):
             if run is None:
                 raise RuntimeError("wait_for_capacity() waits for loops of a running run()")
             await run.wait_loop_finished()
+
+    # -- the step journal and questions (see _journal.py) ---------------------------------
+
+    async def memo(self, key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` (sync or async), called once per (loop, step, key): its
+        result is journaled, at the run's durability, before it is returned, and a re-run of
+        the step before it completes (crash, cancellation, deadline, timeout, retry) gets it
+        back without calling ``fn``. For the model calls a re-run must not pay for twice."""
+        _journal.check_key(key)
+        sj = _journal.current_step.get()
+        if sj is None or sj.loop is not self:  # not in a step of a run: nothing to journal
+            return await _call(fn, args, kwargs)
+        found, result = sj.lookup(key)
+        if found:
+            return result
+        result = await _call(fn, args, kwargs)
+        await sj.record_memo(key, pickle_value(result, f"the result of memo key {key!r}"))
+        return result
+
+    def memo_blocking(self, key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``memo`` for sync steps, on any executor (a worker process journals through the
+        engine)."""
+        _journal.check_key(key)
+        port = _journal.blocking_port(self)
+        if port is None:
+            return fn(*args, **kwargs)
+        found, result = port.lookup(key)
+        if found:
+            return result
+        result = fn(*args, **kwargs)
+        port.record(key, pickle_value(result, f"the result of memo key {key!r}"))
+        return result
+
+    async def ask(
+        self,
+        question: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        default: Any = _journal.NO_DEFAULT,
+    ) -> Any:
+        """Ask a person, and wait for the answer: this loop only pauses (its step-limit slot
+        goes to a sibling meanwhile). The question reaches the consumer as a ``Question``
+        item; answer it with ``results.answer(id, value)``, ``rdagent_loop.answer(session,
+        id, value)`` or ``rdagent-loop answer``. After ``timeout`` seconds: ``default``, or
+        ``QuestionTimeoutError`` without one. Journaled: a re-run of the step is not asked
+        again what was answered, and an open question is open again after a resume."""
+        limit = _journal.check_timeout(timeout)
+        sj = _journal.current_step.get()
+        if sj is None or sj.loop is not self:
+            raise RuntimeError("ask() is for the steps of a running run(): nobody else can answer")
+        return await sj.ask(question, payload, limit, default)
+
+    def ask_blocking(
+        self,
+        question: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        default: Any = _journal.NO_DEFAULT,
+    ) -> Any:
+        """``ask`` for sync steps, on any executor; it pauses this loop only. In a step run
+        inline (on the event loop's thread) a question without an answer yet ends the step's
+        attempt quietly, and the step runs again from its start once it is answered: what it
+        memoized replays, so put costly work before ``ask_blocking`` in ``memo_blocking``."""
+        limit = _journal.check_timeout(timeout)
+        port = _journal.blocking_port(self)
+        if port is None:
+            raise RuntimeError(
+                "ask_blocking() is for the steps of a running run(): nobody else can answer"
+            )
+        return port.ask(question, payload, limit, default)
 
     def _check_exit_conditions_on_step(
         self, loop_id: int | None = None, step_id: int | None = None
@@ -284,3 +359,8 @@ class LoopBase(metaclass=LoopMeta):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._running = False
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    result = fn(*args, **kwargs)
+    return await result if inspect.isawaitable(result) else result

@@ -14,7 +14,9 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._progress import NoProgress, Progress
-from ._results import StepResult
+from ._results import Question, StepResult
+
+Item = StepResult | Question
 
 
 class ResultOutlet:
@@ -26,9 +28,9 @@ class ResultOutlet:
         self.progress: Progress = progress or NoProgress()
         size = result_buffer + max_parallel
         self._slots = anyio.Semaphore(size)
-        self.send: MemoryObjectSendStream[StepResult]
-        self.receive: MemoryObjectReceiveStream[StepResult]
-        self.send, self.receive = anyio.create_memory_object_stream[StepResult](size)
+        self.send: MemoryObjectSendStream[Item]
+        self.receive: MemoryObjectReceiveStream[Item]
+        self.send, self.receive = anyio.create_memory_object_stream[Item](size)
 
     async def reserve(self) -> None:
         """Wait for room for one more result (at once when there is some)."""
@@ -41,17 +43,19 @@ class ResultOutlet:
         """The step that reserved room did not complete."""
         self._slots.release()
 
-    def deliver(self, result: StepResult) -> None:
-        """Send a recorded step's result; its room was reserved, so this never waits."""
+    def deliver(self, result: Item) -> None:
+        """Send a recorded step's result (or a journaled question); its room was reserved,
+        so this never waits."""
         try:
             self.send.send_nowait(result)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._slots.release()  # the consumer has left: nobody will take it
 
-    def taken(self, result: StepResult) -> None:
+    def taken(self, result: Item) -> None:
         """The consumer received ``result``: its room is free again."""
         self._slots.release()
-        self.progress.step_completed(result)
+        if isinstance(result, StepResult):
+            self.progress.step_completed(result)
 
     def engine_done(self) -> None:
         """The engine ended; the consumer may still be reading what it sent."""
@@ -81,8 +85,9 @@ class DiscardOutlet(ResultOutlet):
     def cancel_reservation(self) -> None:
         pass
 
-    def deliver(self, result: StepResult) -> None:
-        self.progress.step_completed(result)
+    def deliver(self, result: Item) -> None:
+        if isinstance(result, StepResult):
+            self.progress.step_completed(result)
 
     def engine_done(self) -> None:
         self.progress.close()

@@ -49,17 +49,42 @@ class StepResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Question:
+    """A step asks a person (``loop.ask``): an item of the result stream, between the
+    ``StepResult``s. Answer it with ``results.answer(id, value)``, or from any process with
+    ``rdagent_loop.answer(session, id, value)``; ``id`` stays the same after a resume."""
+
+    id: str
+    loop_idx: int
+    step_idx: int
+    step_name: str
+    question: str
+    payload: Any
+    asked_at: datetime
+
+    def __str__(self) -> str:
+        payload = "" if self.payload is None else f" about {_short.repr(self.payload)}"
+        return (
+            f"loop {self.loop_idx} step {self.step_idx} {self.step_name} asks "
+            f"{self.question!r}{payload} (question {self.id})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RunSummary:
     """What one ``run()`` did: steps and loops completed in this run, and why it stopped."""
 
     steps: int
     loops: int
     reason: StopReason
+    replayed: int = 0
+    """Memoized calls (``loop.memo``) answered from the step journal instead of made again."""
 
     def __str__(self) -> str:
         steps = f"{self.steps} step{'' if self.steps == 1 else 's'}"
         loops = f"{self.loops} loop{'' if self.loops == 1 else 's'}"
-        return f"{steps}, {loops} completed; stopped by {self.reason}"
+        replayed = f", {self.replayed} memoized calls replayed" if self.replayed else ""
+        return f"{steps}, {loops} completed; stopped by {self.reason}{replayed}"
 
 
 @dataclass(frozen=True, slots=True)

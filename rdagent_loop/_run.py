@@ -10,7 +10,7 @@ a new generation. The run handle (:mod:`._handle`) drives it and hands its resul
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,9 +24,10 @@ from ._compat import BaseExceptionGroup, add_note
 from ._current import current_run
 from ._executors import StepRunner
 from ._generation import Generation, GenerationEnd
+from ._journal import Journal
 from ._logging import log
 from ._outlet import ResultOutlet
-from ._results import RunSummary, StepResult, StopReason
+from ._results import Question, RunSummary, StepResult, StopReason
 from ._session import SnapshotWriter, remove_orphans
 from ._session._lock import SessionLock
 from ._step_limit import StepLimit
@@ -49,6 +50,13 @@ class RunStatistics:
     executors: int = 0
     """Executor tasks the current generation has started: one per loop handed over while
     none was free, at most ``max_parallel``."""
+    steps_waiting: dict[str, int] = field(default_factory=dict)
+    """Steps waiting for an answer (``loop.ask``), by name; they hold no step-limit slot."""
+    questions_open: int = 0
+    memo_recorded: int = 0
+    """Memoized calls made and journaled in this run."""
+    memo_replayed: int = 0
+    """Memoized calls answered from the journal in this run, instead of made again."""
 
 
 class Run:
@@ -77,10 +85,12 @@ class Run:
         self.writer.on_failure = self._writer_failed
         # one run per session: held from the start until the writer has finished
         self.session_lock = SessionLock(loop.session_folder) if settings.save_snapshots else None
+        self.journal = Journal(self)
         self.generation: Generation | None = None
         self.steps_completed = 0
         self.loops_completed: set[int] = set()  # in this run (and not rolled back)
         self.running: Counter[str] = Counter()
+        self.waiting: Counter[str] = Counter()
         self.peak_running: Counter[str] = Counter()
         self.in_flight = 0
         self.closing = False  # past the deadline, inside the grace period
@@ -100,6 +110,10 @@ class Run:
             peak_steps_running=dict(self.peak_running),
             results_pending=self.outlet.pending,
             executors=0 if generation is None else generation.executors,
+            steps_waiting={k: v for k, v in self.waiting.items() if v},
+            questions_open=len(self.journal.questions),
+            memo_recorded=self.journal.recorded,
+            memo_replayed=self.journal.replayed,
         )
 
     async def wait_loop_finished(self) -> None:
@@ -121,7 +135,7 @@ class Run:
                 await anyio.to_thread.run_sync(self._take_session)
             self._apply_budgets()
             restorer = Restorer(loop, self.writer if self.settings.save_snapshots else None)
-            async with self.writer, self.runner:
+            async with self.writer, self.journal, self.runner:
                 reason = await self._run_generations(restorer)
         finally:
             if self.session_lock is not None:
@@ -129,7 +143,9 @@ class Run:
             current_run.reset(token)
             loop.timer.disarm()
             self.outlet.engine_done()
-        summary = RunSummary(self.steps_completed, len(self.loops_completed), reason)
+        summary = RunSummary(
+            self.steps_completed, len(self.loops_completed), reason, self.journal.replayed
+        )
         log.info("run ended: %s", summary)
         return summary
 
@@ -172,7 +188,11 @@ class Run:
                 if end.stop is not None:
                     break
                 if end.withdraw is not None:
+                    before = {
+                        li: loop.step_idx.get(li, 0) for li in self.journal.loops_with_entries()
+                    }
                     self.last_snapshot = await restorer.restore(loop, *end.withdraw)
+                    self._drop_rolled_back(before, end.withdraw[0])
                     n = len(loop.steps)
                     self.loops_completed = {
                         li for li in self.loops_completed if loop.step_idx.get(li, 0) >= n
@@ -188,6 +208,20 @@ class Run:
             log.warning("all_duration is over: the run stops")
             return "all_duration"
         return end.stop or "step_n"
+
+    def _drop_rolled_back(self, before: dict[int, int], withdrawn: int) -> None:
+        """A withdraw rolled loops back: their journals go (the failing loop's, those the
+        restored snapshot does not have, and those whose step changed)."""
+        loop = self.loop
+
+        def rolled_back(li: int) -> bool:
+            return (
+                li == withdrawn
+                or li >= loop.loop_idx
+                or loop.step_idx.get(li, 0) != before.get(li, 0)
+            )
+
+        self.journal.drop_loops(rolled_back)
 
     def _move_deadline(self, deadline: float) -> None:
         self._run_scope.deadline = deadline + self.settings.grace_period
@@ -221,6 +255,20 @@ class Run:
             extra={"loop_idx": loop_idx, "step_name": name},
         )
 
+    def step_parked(self, name: str, change: int) -> None:
+        """A step started (+1) or stopped (-1) waiting for an answer."""
+        self.waiting[name] += change
+
+    async def deliver_question(self, question: Question) -> None:
+        """Hand a journaled question to the consumer, in the result stream."""
+        await self.outlet.reserve()
+        self.outlet.deliver(question)
+        log.info(
+            "%s",
+            question,
+            extra={"loop_idx": question.loop_idx, "step_name": question.step_name},
+        )
+
     def step_ended(self, name: str) -> None:
         """A step stopped running, completed or not."""
         self.running[name] -= 1
@@ -239,7 +287,9 @@ class Run:
             loop.withdraw_base.pop(li, None)  # only a loop in flight can be withdrawn
             self.loops_completed.add(li)
             self._notify_loop_finished()
+        journal = self.journal
         if not self.settings.save_snapshots:
+            journal.step_done(li, result.step_idx, loop_done=loop_done)
             self._deliver(result)
             return
         path = self._loop_folder(li, finished=loop_done) / f"{result.step_idx}_{name}"
@@ -250,8 +300,13 @@ class Run:
             add_note(error, f"while saving the snapshot {path} after loop {li} step {name!r}")
             raise
         self.last_snapshot = f"{li}/{result.step_idx}_{name}"
+
         # durable before delivered: the consumer sees the step once its snapshot is on disk
-        self.writer.then(lambda: self._deliver(result))
+        def on_disk() -> None:
+            journal.step_done(li, result.step_idx, loop_done=loop_done)
+            self._deliver(result)
+
+        self.writer.then(on_disk)
 
     def _deliver(self, result: StepResult) -> None:
         self.outlet.deliver(result)

@@ -5,25 +5,38 @@ Tests that order tasks by sleeping run on a virtual clock, so the order holds on
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import anyio
 import anyio.lowlevel
 import pytest
 from looplib import virtual_clock_params
 
-from rdagent_loop._step_limit import StepLimit
+from rdagent_loop._step_limit import StepLimit, StepSlot
 
 pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def held(limit: StepLimit) -> AsyncIterator[StepSlot]:
+    """A slot for the block, as the engine holds one for a step."""
+    slot = await limit.take()
+    try:
+        yield slot
+    finally:
+        slot.release()
 
 
 async def test_a_free_slot_yields_once_and_a_cancelled_taker_gives_it_back() -> None:
     limit = StepLimit(2)
     with anyio.CancelScope() as scope:
         scope.cancel()
-        async with limit:  # the cancellation lands at its one checkpoint
+        async with held(limit):  # the cancellation lands at its one checkpoint
             pytest.fail("entered a cancelled scope")
     assert scope.cancelled_caught
     assert limit._semaphore.value == 2
-    async with limit:
+    async with held(limit):
         assert limit._semaphore.value == 1
     assert limit._semaphore.value == 2
 
@@ -41,7 +54,7 @@ async def test_other_tasks_run_while_free_slots_are_taken() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(other)
         for _ in range(100):
-            async with limit:  # each one yields: the other task is not starved
+            async with held(limit):  # each one yields: the other task is not starved
                 pass
         seen = ticks
         tg.cancel_scope.cancel()
@@ -56,7 +69,7 @@ async def test_a_busy_slot_is_waited_for_in_order_and_never_exceeded() -> None:
 
     async def step(n: int) -> None:
         nonlocal inside, peak
-        async with limit:
+        async with held(limit):
             order.append(n)
             inside += 1
             peak = max(peak, inside)
@@ -79,11 +92,39 @@ async def test_a_waiter_cancelled_in_the_queue_takes_no_slot() -> None:
 
     async def wait() -> None:
         with waiting:
-            async with limit:
+            async with held(limit):
                 pytest.fail("got a slot that was held")
 
-    async with limit, anyio.create_task_group() as tg:
+    async with held(limit), anyio.create_task_group() as tg:
         tg.start_soon(wait)
         await anyio.sleep(0.01)
         waiting.cancel()
+    assert limit._semaphore.value == 1
+
+
+@pytest.mark.parametrize("anyio_backend", virtual_clock_params())
+async def test_a_slot_handed_back_while_waiting_goes_to_another_step_and_comes_back() -> None:
+    """What a step waiting for an answer does: release, a sibling runs, retake; releasing
+    twice (the engine's own release at the end) gives back only what is held."""
+    limit = StepLimit(1)
+    order: list[str] = []
+
+    async def sibling() -> None:
+        async with held(limit):
+            order.append("sibling")
+            await anyio.sleep(1)
+
+    async with anyio.create_task_group() as tg:
+        slot = await limit.take()
+        tg.start_soon(sibling)
+        await anyio.sleep(0.5)
+        assert order == []  # the slot is held
+        slot.release()
+        slot.release()  # idempotent
+        await anyio.sleep(0.5)
+        assert order == ["sibling"]
+        await slot.retake()  # waits for the sibling to finish
+        assert slot.held
+        assert limit._semaphore.value == 0
+        slot.release()
     assert limit._semaphore.value == 1

@@ -24,7 +24,7 @@ from .._settings import ExecutorName, LoopSettings
 from .._steps import StepOptions, step_options
 from ._base import Executor, StepCall, StepTiming
 from ._inline import InlineExecutor
-from ._select import choose_executors
+from ._select import choose_executors, is_async_step
 from ._thread import ThreadExecutor
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class StepRunner:
         self.options: dict[str, StepOptions] = {
             name: step_options(getattr(loop_class, name)) for name in steps
         }
+        self.is_async = {name: is_async_step(getattr(loop_class, name)) for name in steps}
         self.timeouts: dict[str, float | None] = {
             name: settings.timeout_for(name) if o.timeout is None else o.timeout
             for name, o in self.options.items()

@@ -49,6 +49,7 @@ import psutil
 
 from .._compat import add_note
 from .._errors import WorkerCrashedError
+from .._journal import StepJournal, current_step, serve
 from .._pipes import grow_pipe
 from .._session._blobs import Blobs, dumps
 from .._session._capture import without_tearing
@@ -117,6 +118,10 @@ class _Worker:
         # that died already is found out by the first request
         with contextlib.suppress(OSError):
             self._send_nowait()
+
+    def stage_answer(self, answer: bytes) -> None:
+        """Queue the answer to a request the step sent (see ``_wire.PipePort``)."""
+        self._outbox += [_wire.HEADER.pack(len(answer)), answer]
 
     def stage(self, task: _wire.Chunks) -> None:
         """Queue one task: copy it into shared memory now, or into the frame."""
@@ -224,7 +229,7 @@ class ProcessExecutor:
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._slots: anyio.Semaphore | None = None
+        self._slots: anyio.CapacityLimiter | None = None
         self._idle: list[_Worker] = []
         self._busy = 0
         self._dying: list[_Worker] = []
@@ -234,7 +239,10 @@ class ProcessExecutor:
 
     async def run(self, call: StepCall) -> Any:
         if self._slots is None:
-            self._slots = anyio.Semaphore(self._size)
+            self._slots = anyio.CapacityLimiter(self._size)
+        sj = current_step.get()
+        if sj is not None:  # while the step waits for an answer, its worker is lent out
+            sj.lenders.append(_LentWorker(self._slots))
         async with self._slots:
             call.timing.restart()  # waiting for a free worker is not the step's time
             self._reap()
@@ -260,6 +268,9 @@ class ProcessExecutor:
                 worker.stage(task)
                 del task
                 reply = await worker.request()
+                while reply[:1] == _wire.REQUEST:  # the step calls the journal
+                    worker.stage_answer(await _serve(sj, reply))
+                    reply = await worker.request()
                 healthy = True
             except _WorkerDied as died:
                 rc = died.returncode
@@ -270,10 +281,12 @@ class ProcessExecutor:
                 ) from None
             finally:
                 self._busy -= 1
-                if healthy:
-                    self._idle.append(worker)
-                else:
+                if not healthy:
                     self._discard(worker)
+                elif self._busy + len(self._idle) >= self._slots.total_tokens:
+                    self._discard(worker)  # one started while a step waited for an answer
+                else:
+                    self._idle.append(worker)
         try:
             return _wire.decode_reply(reply)
         except _worker.MainModuleError as exc:
@@ -303,7 +316,8 @@ class ProcessExecutor:
     def _fill(self) -> None:
         """Start every missing worker at once, so they import in parallel, not one by one
         as the steps of a ramping-up run come to need them."""
-        for _ in range(self._size - self._busy - len(self._idle)):
+        size = self._size if self._slots is None else int(self._slots.total_tokens)
+        for _ in range(size - self._busy - len(self._idle)):
             self._idle.append(self._spawn())
 
     def _spawn(self) -> _Worker:
@@ -339,6 +353,31 @@ class ProcessExecutor:
                 self._reap()
         for worker in self._dying:
             log.warning("process pool: worker %d did not exit after SIGKILL", worker.pid)
+
+
+async def _serve(sj: StepJournal | None, request: bytearray) -> bytes:
+    """Carry out a journal request of the step in a worker; the pickled answer."""
+    if sj is None:
+        answer: tuple[bool, Any] = (False, RuntimeError("this step has no journal"))
+    else:
+        answer = await serve(sj, pickle.loads(memoryview(request)[1:]))
+    try:
+        return pickle.dumps(answer, protocol=_wire.PROTOCOL)
+    except Exception:  # an exception that does not pickle
+        return pickle.dumps((False, RuntimeError(repr(answer[1]))), protocol=_wire.PROTOCOL)
+
+
+class _LentWorker:
+    """A process step waiting for an answer: one more worker may start meanwhile."""
+
+    def __init__(self, slots: anyio.CapacityLimiter) -> None:
+        self.slots = slots
+
+    def lend(self) -> None:
+        self.slots.total_tokens += 1
+
+    def take_back(self) -> None:
+        self.slots.total_tokens -= 1
 
 
 def _descendants(pid: int) -> list[int]:

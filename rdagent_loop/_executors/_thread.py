@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 
+from .._journal import current_step
 from ._base import StepCall
 
 log = logging.getLogger("rdagent_loop")
@@ -33,6 +34,10 @@ class ThreadExecutor:
         return limiter
 
     async def run(self, call: StepCall) -> Any:
+        limiter = self._limiter(call.name)
+        sj = current_step.get()
+        if sj is not None:  # while the step waits for an answer, its thread is lent out
+            sj.lenders.append(_LentThread(limiter))
         started = threading.Event()
         finished = threading.Event()
 
@@ -45,9 +50,7 @@ class ThreadExecutor:
                 finished.set()
 
         try:
-            return await anyio.to_thread.run_sync(
-                target, limiter=self._limiter(call.name), abandon_on_cancel=True
-            )
+            return await anyio.to_thread.run_sync(target, limiter=limiter, abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
             if started.is_set() and not finished.is_set():
                 log.warning(
@@ -61,3 +64,16 @@ class ThreadExecutor:
 
     async def aclose(self) -> None:
         return None
+
+
+class _LentThread:
+    """A thread step waiting for an answer: one more thread may run the step meanwhile."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self.limiter = limiter
+
+    def lend(self) -> None:
+        self.limiter.total_tokens += 1
+
+    def take_back(self) -> None:
+        self.limiter.total_tokens -= 1

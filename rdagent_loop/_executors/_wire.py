@@ -7,7 +7,10 @@ platform has ``memfd_create``, after the tag ``S`` as its size in the worker's s
 memory region. Shared memory spares the copies through the pipe (a 10 MB loop object costs
 one memory copy instead of four). The worker answers each task with one reply frame:
 ``(OK, output)``, ``(ERROR, exception, traceback text)``, or, for an exception that does
-not survive pickling, ``(ERROR_TEXT, type name, message, traceback text)``.
+not survive pickling, ``(ERROR_TEXT, type name, message, traceback text)``. Before its reply,
+a step may send requests to the step journal (``memo_blocking``, ``ask_blocking``): a frame
+``Q`` + a pickle of the request, each answered by a frame holding a pickle of ``(True,
+result)`` or ``(False, exception)``.
 
 The parent's ends are non-blocking and driven by the event loop (``FrameReader`` reads into
 a preallocated buffer); the worker's ends are blocking.
@@ -28,6 +31,7 @@ HEADER = struct.Struct("!Q")
 OK, ERROR, ERROR_TEXT = "ok", "error", "error-text"
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 IN_FRAME, SHARED = b"P", b"S"
+REQUEST = b"Q"  # a frame a worker sends in the middle of a step: a call to the step journal
 SHARED_TASK = struct.Struct("!QQ")  # pickle size, region size
 SHARED_MIN = 256 * 1024  # smaller tasks travel in the frame
 
@@ -171,6 +175,34 @@ def encode_error(exc: BaseException, tb: str) -> bytes:
     except Exception:
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
         return pickle.dumps((ERROR_TEXT, name, str(exc), tb), protocol=PROTOCOL)
+
+
+class PipePort:
+    """The step journal, as a step in a worker process reaches it: through the engine."""
+
+    def __init__(self, from_parent: int, to_parent: int) -> None:
+        self._in = from_parent
+        self._out = to_parent
+
+    def _call(self, *request: Any) -> Any:
+        write_frame(self._out, REQUEST + pickle.dumps(request, protocol=PROTOCOL))
+        frame = read_frame(self._in)
+        if frame is None:  # the pool is gone: so is the run
+            raise EOFError("the engine closed the pipe to this worker")
+        ok, value = pickle.loads(frame)
+        if not ok:
+            raise value
+        return value
+
+    def lookup(self, key: str) -> tuple[bool, Any]:
+        found, value = self._call("lookup", key)
+        return found, value
+
+    def record(self, key: str, data: bytes) -> None:
+        self._call("record", key, data)
+
+    def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
+        return self._call("ask", text, payload, timeout, default)
 
 
 # -- the parent's side (non-blocking) -----------------------------------------------------

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     to_worker, from_worker, lifeline, shared = (int(a) for a in (argv or sys.argv)[-4:])
     threading.Thread(target=_watch_parent, args=(lifeline,), daemon=True).start()
     region = _wire.SharedRegion(shared) if shared >= 0 else None
+    port = _wire.PipePort(to_worker, from_worker)
     prep = _wire.read_frame(to_worker)
     if prep is None:
         return
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         task = _wire.read_frame(to_worker)
         if task is None:
             return  # the pool closed the pipe
-        reply = failure if failure is not None else _run(task, region)
+        reply = failure if failure is not None else _run(task, region, port)
         del task
         _flush()
         _wire.write_frame(from_worker, reply)
@@ -118,7 +119,7 @@ def _prepare(data: dict[str, Any]) -> bytes | None:
 _blobs: dict[str, bytes] = {}  # large bytes the parent sent once (see _process._pickle_task)
 
 
-def _run(task: bytearray, region: _wire.SharedRegion | None) -> bytes:
+def _run(task: bytearray, region: _wire.SharedRegion | None, port: _wire.PipePort) -> bytes:
     global _blobs
     try:
         new, data = _wire.load_task(task, region)
@@ -140,10 +141,15 @@ def _run(task: bytearray, region: _wire.SharedRegion | None) -> bytes:
             )
             return _wire.encode_error(MainModuleError(reason), "")
         return _wire.encode_error(exc, traceback.format_exc())
+    from .. import _journal
+
+    _journal.remote_port = port  # memo_blocking and ask_blocking reach the engine through it
     try:
         output: Any = func(prev_out)
     except BaseException as exc:  # everything goes back to the parent, which decides
         return _wire.encode_error(exc, traceback.format_exc())
+    finally:
+        _journal.remote_port = None
     return _wire.encode_output(output)
 
 

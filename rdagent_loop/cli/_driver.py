@@ -24,7 +24,7 @@ import anyio
 import click
 from anyio.abc import TaskStatus
 
-from .. import LoopBase, RunSummary, SessionBusyError, list_snapshots
+from .. import LoopBase, RunSummary, SessionBusyError, StepResult, list_snapshots
 from .._budget import carry_budgets
 from .._inspect import META_FILE
 from .._live import LiveDisplay
@@ -81,7 +81,8 @@ async def _drive(loop: LoopBase, display: LiveDisplay, kwargs: dict[str, Any]) -
             display.attach(run)
             async with run as results:
                 async for result in results:
-                    display.result(result)
+                    if isinstance(result, StepResult):
+                        display.result(result)
             ended.summary = results.summary
         except anyio.get_cancelled_exc_class():
             raise

@@ -1,0 +1,618 @@
+"""The step journal: what a step in progress has already paid for, or been told.
+
+A step that calls a model pays for it; run again (after a crash, a cancellation, the
+deadline, a timeout, a retry) it must not pay twice. ``loop.memo(key, fn)`` calls ``fn``
+once per (loop, step, key) and journals its result before returning it; a re-run of the
+step before it completes gets the journaled result. ``loop.ask`` journals its question
+before anyone sees it, and the answer before the step gets it, so a question open when a
+run stops is open again after the resume (same id), and an answer is never asked for twice.
+
+* :class:`Journal`: one per run. It holds the entries of the steps in progress (read from
+  the session when the run starts), the open questions, and two tasks: one removes the
+  files of steps that completed (once their snapshot is on disk), one takes the answers
+  other processes leave in ``.answers`` (every ``POLL_INTERVAL`` while a question is open).
+* :class:`StepJournal`: one per attempt of a step, in the ``current_step`` context variable;
+  ``memo`` and ``ask`` of async steps use it directly.
+* Ports, for sync steps (``memo_blocking``, ``ask_blocking``): on the event loop's thread
+  (an inline step) the entry is written then and there, and a question unwinds the step
+  (``AwaitingAnswer``), which runs again from its start once the answer is journaled (what
+  it memoized replays); in a worker thread, calls go to the event loop
+  (``anyio.from_thread``); in a worker process or a Ray task, through the executor's channel
+  to the engine (``_executors``), which serves them with :func:`serve`.
+
+A waiting step holds no step-limit slot, nor a place of its thread or process executor, and
+its wait does not count against its own ``timeout``. The on-disk side is
+:mod:`._session._entries`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from ._errors import QuestionTimeoutError
+from ._logging import log
+from ._results import Question
+from ._session._entries import (
+    ANSWER,
+    MEMO,
+    QUESTION,
+    Entry,
+    encode,
+    loop_folder,
+    pickle_value,
+    read_answers,
+    read_journal,
+    remove_files,
+    write_entry,
+)
+from ._session._format import signing_key
+
+if TYPE_CHECKING:
+    from ._loop import LoopBase
+    from ._run import Run
+    from ._step_limit import StepSlot
+
+POLL_INTERVAL = 0.5
+"""How often a run looks for answers left by other processes while a question is open."""
+
+
+class _NoDefault:
+    """``ask``'s ``default`` when none is given: a timeout raises ``QuestionTimeoutError``.
+    One object, also after a trip through pickle (to a worker process and back)."""
+
+    def __repr__(self) -> str:
+        return "<no default>"
+
+    def __reduce__(self) -> str:
+        return "NO_DEFAULT"
+
+
+NO_DEFAULT: Any = _NoDefault()
+
+
+def check_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"memo key must be a str, got {type(key).__name__} {key!r}")
+    return key
+
+
+def check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+@dataclass(slots=True)
+class _Step:
+    """The journal of one step in progress."""
+
+    entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Open:
+    """An open question: answered once its answer is journaled."""
+
+    question: Question
+    answered: anyio.Event = field(default_factory=anyio.Event)
+    answering: bool = False  # an answer (or the timeout's outcome) is being journaled
+    entry: Entry | None = None
+
+
+class Journal:
+    """The step journal of one run; an async context manager around the run's work."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.loop: LoopBase = run.loop
+        settings = run.settings
+        self.on_disk = settings.save_snapshots
+        self.durability = settings.durability
+        self.key = signing_key(settings.signing_key)
+        self._steps: dict[tuple[int, int], _Step] = {}
+        self._next_n: dict[tuple[int, int], int] = {}  # never reused within a run
+        self.questions: dict[str, _Open] = {}
+        self._delivered: set[str] = set()  # questions this run's consumer has been given
+        self._removals: list[tuple[list[str], tuple[str, ...]]] = []
+        self._changed = anyio.Event()
+        self._task_group: TaskGroup | None = None
+        self._poll_scope = anyio.CancelScope()
+        self.recorded = 0  # memoized calls made and journaled in this run
+        self.replayed = 0  # memoized calls answered from the journal in this run
+
+    @property
+    def session(self) -> Any:
+        return self.loop.session_folder
+
+    # -- the run's side -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Journal:
+        if self.on_disk:
+            await anyio.to_thread.run_sync(self._load)
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._sweep)
+        if self.on_disk:
+            self._task_group.start_soon(self._poll_answers)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task_group, self._task_group = self._task_group, None
+        self._poll_scope.cancel()
+        self._signal()
+        if task_group is not None:
+            task_group.cancel_scope.shield = True  # answers being journaled, files to remove
+            await task_group.__aexit__(None, None, None)
+
+    def _load(self) -> None:
+        """Take the journal of every step in progress; remove what completed steps left."""
+        loop = self.loop
+        stale: list[str] = []
+        for (li, si), found in read_journal(self.session, self.key).items():
+            self._next_n[(li, si)] = found.next_n
+            if si != loop.step_idx.get(li, 0) or li > loop.loop_idx:
+                stale += found.paths  # its step completed; a killed run left it behind
+                continue
+            step = self._steps[(li, si)] = _Step(paths=found.paths)
+            for entry in found.entries:
+                step.entries[(entry.kind, entry.key)] = entry
+            for entry in found.entries:
+                if entry.kind == QUESTION:
+                    question = entry.value()
+                    if (ANSWER, question.id) not in step.entries:
+                        self.questions[question.id] = _Open(question)
+        remove_files(stale)
+        if self.questions:
+            log.info("%d questions are still open from an earlier run", len(self.questions))
+
+    def step_done(self, li: int, si: int, *, loop_done: bool) -> None:
+        """Step ``si`` of loop ``li`` completed and its snapshot is on disk: drop its journal."""
+        step = self._steps.pop((li, si), None)
+        folders = (loop_folder(self.session, li),) if loop_done and self.on_disk else ()
+        if loop_done:
+            for key in [k for k in self._next_n if k[0] == li]:
+                del self._next_n[key]
+        if step is not None and (step.paths or folders):
+            self._removals.append((step.paths, folders))
+            self._signal()
+
+    def drop_loops(self, rolled_back: Callable[[int], bool]) -> None:
+        """A withdraw rolled loops back: drop the journals of those ``rolled_back`` says."""
+        for li, si in [k for k in self._steps if rolled_back(k[0])]:
+            step = self._steps.pop((li, si))
+            self._removals.append((step.paths, ()))
+        for qid in [q for q, o in self.questions.items() if rolled_back(o.question.loop_idx)]:
+            del self.questions[qid]
+        self._signal()
+
+    def loops_with_entries(self) -> set[int]:
+        return {li for li, _ in self._steps}
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _sweep(self) -> None:
+        """Remove the files of dropped journals, off the event loop's thread."""
+        while True:
+            if not self._removals:
+                if self._task_group is None:
+                    return
+                await self._changed.wait()
+                continue
+            removals, self._removals = self._removals, []
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_remove_all, removals)
+
+    async def _poll_answers(self) -> None:
+        """Take the answers other processes leave in the session, while a question is open."""
+        with self._poll_scope:
+            while True:
+                if not any(not o.answering for o in self.questions.values()):
+                    await self._changed.wait()
+                    continue
+                found = await anyio.to_thread.run_sync(read_answers, self.session, self.key)
+                for qid, (entry, path) in found.items():
+                    opened = self.questions.get(qid)
+                    if opened is None or opened.answering:
+                        log.warning("an answer to question %s came too late; ignored", qid)
+                        self._removals.append(([path], ()))
+                        continue
+                    self._answer(opened, entry, path)
+                await anyio.sleep(POLL_INTERVAL)
+
+    # -- entries --------------------------------------------------------------------------
+
+    def get(self, li: int, si: int, kind: str, key: str) -> Entry | None:
+        step = self._steps.get((li, si))
+        return None if step is None else step.entries.get((kind, key))
+
+    async def record(self, li: int, si: int, entry: Entry) -> None:
+        """Journal ``entry`` for step ``si`` of loop ``li``, on disk at the run's durability."""
+        n = self._take_n(li, si)
+        path = None
+        if self.on_disk:
+            data = encode(entry, self.key)
+            with anyio.CancelScope(shield=True):  # once written, it must be known here too
+                path = await anyio.to_thread.run_sync(
+                    write_entry, self.session, li, si, n, data, self.durability
+                )
+        self._keep(li, si, entry, path)
+
+    def record_now(self, li: int, si: int, entry: Entry) -> None:
+        """``record`` for a sync step running on the event loop's thread: it blocks that
+        thread anyway, so the entry is written here and now."""
+        n = self._take_n(li, si)
+        path = None
+        if self.on_disk:
+            path = write_entry(self.session, li, si, n, encode(entry, self.key), self.durability)
+        self._keep(li, si, entry, path)
+
+    def _take_n(self, li: int, si: int) -> int:
+        n = self._next_n.get((li, si), 0)
+        self._next_n[(li, si)] = n + 1
+        return n
+
+    def _keep(self, li: int, si: int, entry: Entry, path: str | None) -> None:
+        step = self._steps.get((li, si))
+        if step is None:
+            step = self._steps[(li, si)] = _Step()
+        step.entries[(entry.kind, entry.key)] = entry
+        if path is not None:
+            step.paths.append(path)
+        if entry.kind == MEMO:
+            self.recorded += 1
+
+    # -- questions ------------------------------------------------------------------------
+
+    def answer(self, question_id: str, value: Any) -> None:
+        """Answer an open question of this run (``results.answer``); KeyError if none."""
+        opened = self.questions.get(question_id) if isinstance(question_id, str) else None
+        if opened is None or opened.answering:
+            raise KeyError(
+                f"no open question {question_id!r}: unknown, or answered already"
+                + ("" if self._task_group is not None else " (the run has ended)")
+            )
+        if self._task_group is None:
+            raise KeyError(f"question {question_id!r}: the run has ended")
+        data = pickle_value(value, f"the answer to question {question_id!r} ({value!r})")
+        self._answer(opened, Entry(ANSWER, question_id, data), None)
+
+    def _answer(self, opened: _Open, entry: Entry, file: str | None) -> None:
+        opened.answering = True
+        assert self._task_group is not None
+        self._task_group.start_soon(self._journal_answer, opened, entry, file)
+
+    async def _journal_answer(self, opened: _Open, entry: Entry, file: str | None) -> None:
+        question = opened.question
+        await self.record(question.loop_idx, question.step_idx, entry)
+        self._answered(opened, entry)
+        if file is not None:
+            self._removals.append(([file], ()))
+            self._signal()
+        log.info(
+            "question %s answered",
+            question.id,
+            extra={"loop_idx": question.loop_idx, "step_name": question.step_name},
+        )
+
+    def _answered(self, opened: _Open, entry: Entry) -> None:
+        opened.entry = entry
+        opened.answered.set()
+        self.questions.pop(opened.question.id, None)
+        self._signal()
+
+    async def ask(
+        self, sj: StepJournal, k: int, text: str, payload: Any, limit: float | None, default: Any
+    ) -> Any:
+        """The ``k``-th question of step attempt ``sj``: journaled, delivered, answered."""
+        li, si = sj.loop_idx, sj.step_idx
+        asked = self.get(li, si, QUESTION, f"ask{k}")
+        if asked is None:
+            question = Question(
+                f"{li}.{si}.{k}-{secrets.token_hex(2)}",
+                li,
+                si,
+                sj.step_name,
+                str(text),
+                payload,
+                datetime.now(timezone.utc),
+            )
+            data = pickle_value(question, f"the payload of question {text!r} ({payload!r})")
+            await self.record(li, si, Entry(QUESTION, f"ask{k}", data))
+            self.questions[question.id] = _Open(question)
+            self._signal()
+        else:
+            question = asked.value()
+        answer = self.get(li, si, ANSWER, question.id)
+        if answer is None:
+            opened = self.questions.get(question.id)
+            if opened is None:  # dropped meanwhile: open it again
+                opened = self.questions[question.id] = _Open(question)
+            if question.id not in self._delivered:
+                self._delivered.add(question.id)
+                await self.run.deliver_question(question)
+            answer = await self._wait(sj, opened, limit, default)
+        return outcome(answer, limit)
+
+    async def _wait(
+        self, sj: StepJournal, opened: _Open, limit: float | None, default: Any
+    ) -> Entry:
+        """Wait for the answer, parked: the step's slots are lent out meanwhile."""
+        async with sj.parked():
+            with anyio.move_on_after(math.inf if limit is None else limit):
+                await opened.answered.wait()
+            if opened.entry is None and opened.answering:  # it came just now: take it
+                await opened.answered.wait()
+        if opened.entry is not None:
+            return opened.entry
+        opened.answering = True
+        has_default = default is not NO_DEFAULT
+        data = pickle_value(default if has_default else None, f"the default {default!r}")
+        meta = {"timed_out": True, "default": has_default, "timeout": limit}
+        entry = Entry(ANSWER, opened.question.id, data, meta)
+        question = opened.question
+        await self.record(question.loop_idx, question.step_idx, entry)
+        self._answered(opened, entry)
+        log.warning(
+            "question %s got no answer within %gs",
+            question.id,
+            limit,
+            extra={"loop_idx": question.loop_idx, "step_name": question.step_name},
+        )
+        return entry
+
+
+def outcome(entry: Entry, timeout: float | None) -> Any:
+    """What ``ask`` returns for a journaled answer (or raises, for a timeout without default)."""
+    meta = entry.meta
+    if meta.get("timed_out") and not meta.get("default"):
+        raise QuestionTimeoutError(entry.key, meta.get("timeout") or timeout or 0.0)
+    return entry.value()
+
+
+class Lender(Protocol):
+    """An executor place a waiting step lends out (a thread, a worker process)."""
+
+    def lend(self) -> None: ...
+
+    def take_back(self) -> None: ...
+
+
+current_step: ContextVar[StepJournal | None] = ContextVar(
+    "rdagent_loop_current_step_journal", default=None
+)
+
+
+class StepJournal:
+    """The journal as one attempt of one step sees it."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        loop: LoopBase,
+        loop_idx: int,
+        step_idx: int,
+        step_name: str,
+        slot: StepSlot | None,
+        *,
+        is_async: bool,
+    ) -> None:
+        self.journal = journal
+        self.loop = loop
+        self.loop_idx = loop_idx
+        self.step_idx = step_idx
+        self.step_name = step_name
+        self.slot = slot
+        self.is_async = is_async
+        self.asks = 0
+        self.closed = False
+        self.thread = threading.get_ident()
+        self.lenders: list[Lender] = []
+        self.timeout_scope: anyio.CancelScope | None = None
+        self._waits: set[anyio.CancelScope] = set()
+
+    def close(self) -> None:
+        """The attempt ended: a thread it left behind cannot journal or wait any more."""
+        self.closed = True
+        for scope in self._waits:
+            scope.cancel()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(
+                f"step {self.step_name!r} of loop {self.loop_idx} was stopped; "
+                "its abandoned thread cannot use the journal"
+            )
+
+    def lookup(self, key: str) -> tuple[bool, Any]:
+        """``(True, result)`` for a journaled memo key, else ``(False, None)``."""
+        entry = self.journal.get(self.loop_idx, self.step_idx, MEMO, key)
+        if entry is None:
+            return False, None
+        self.journal.replayed += 1
+        return True, entry.value()
+
+    async def record_memo(self, key: str, data: bytes) -> None:
+        self._check_open()
+        await self.journal.record(self.loop_idx, self.step_idx, Entry(MEMO, key, data))
+
+    def record_memo_now(self, key: str, data: bytes) -> None:
+        self.journal.record_now(self.loop_idx, self.step_idx, Entry(MEMO, key, data))
+
+    async def ask(self, text: str, payload: Any, limit: float | None, default: Any) -> Any:
+        self._check_open()
+        k = self.asks
+        self.asks += 1
+        with anyio.CancelScope() as scope:
+            self._waits.add(scope)
+            try:
+                return await self.journal.ask(self, k, text, payload, limit, default)
+            finally:
+                self._waits.discard(scope)
+        self._check_open()  # cancelled by close(): the step is gone
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def parked(self) -> _Parked:
+        return _Parked(self)
+
+
+class _Parked:
+    """While a step waits for an answer: its step-limit slot and its executor place are
+    lent out, and its own timeout is held (moved on by the time it waited)."""
+
+    def __init__(self, sj: StepJournal) -> None:
+        self.sj = sj
+        self.since = 0.0
+
+    async def __aenter__(self) -> None:
+        sj = self.sj
+        self.since = anyio.current_time()
+        if sj.slot is not None:
+            sj.slot.release()
+        for lender in sj.lenders:
+            lender.lend()
+        sj.journal.run.step_parked(sj.step_name, +1)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        sj = self.sj
+        sj.journal.run.step_parked(sj.step_name, -1)
+        for lender in sj.lenders:
+            lender.take_back()
+        if sj.timeout_scope is not None:
+            sj.timeout_scope.deadline += anyio.current_time() - self.since
+        if sj.slot is not None and exc_info[0] is None:
+            await sj.slot.retake()
+
+
+class AwaitingAnswer(BaseException):
+    """Raised by ``ask_blocking`` in a sync step on the event loop's thread, whose question
+    has no answer yet: the engine waits for it without blocking, then runs the step again
+    (what it memoized replays). A ``BaseException``, so a step's ``except Exception`` lets
+    it through."""
+
+    def __init__(self, k: int, text: str, payload: Any, timeout: float | None, default: Any):
+        super().__init__(k, text)
+        self.k, self.text, self.payload, self.timeout, self.default = (
+            k,
+            text,
+            payload,
+            timeout,
+            default,
+        )
+
+
+# -- ports: how a sync step reaches the journal -----------------------------------------
+
+
+class Port(Protocol):
+    def lookup(self, key: str) -> tuple[bool, Any]: ...
+
+    def record(self, key: str, data: bytes) -> None: ...
+
+    def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any: ...
+
+
+remote_port: Port | None = None
+"""Set in a worker process (process pool, Ray) while it runs a step: its channel."""
+
+
+def blocking_port(loop: object) -> Port | None:
+    """The port of the step the caller is part of, or None outside any run."""
+    if remote_port is not None:
+        return remote_port
+    sj = current_step.get()
+    if sj is None or sj.loop is not loop:
+        return None
+    if threading.get_ident() != sj.thread:
+        return _ThreadPort(sj)
+    if sj.is_async:
+        raise RuntimeError(
+            f"step {sj.step_name!r} is async: use `await self.memo(...)` and "
+            "`await self.ask(...)`; the _blocking forms would block every loop"
+        )
+    return _InlinePort(sj)
+
+
+class _InlinePort:
+    """A sync step on the event loop's thread."""
+
+    def __init__(self, sj: StepJournal) -> None:
+        self.sj = sj
+
+    def lookup(self, key: str) -> tuple[bool, Any]:
+        return self.sj.lookup(key)
+
+    def record(self, key: str, data: bytes) -> None:
+        self.sj.record_memo_now(key, data)
+
+    def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
+        sj = self.sj
+        k = sj.asks
+        sj.asks += 1
+        journal = sj.journal
+        asked = journal.get(sj.loop_idx, sj.step_idx, QUESTION, f"ask{k}")
+        if asked is not None:
+            answer = journal.get(sj.loop_idx, sj.step_idx, ANSWER, asked.value().id)
+            if answer is not None:
+                return outcome(answer, timeout)
+        raise AwaitingAnswer(k, text, payload, timeout, default)
+
+
+class _ThreadPort:
+    """A sync step in a worker thread: each call runs on the event loop."""
+
+    def __init__(self, sj: StepJournal) -> None:
+        self.sj = sj
+
+    def lookup(self, key: str) -> tuple[bool, Any]:
+        return anyio.from_thread.run_sync(self.sj.lookup, key)
+
+    def record(self, key: str, data: bytes) -> None:
+        anyio.from_thread.run(self.sj.record_memo, key, data)
+
+    def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
+        return anyio.from_thread.run(self.sj.ask, text, payload, timeout, default)
+
+
+async def serve(sj: StepJournal, request: tuple[Any, ...]) -> tuple[bool, Any]:
+    """Carry out a request a step in a worker process or Ray task sent through its
+    executor's channel; ``(True, result)``, or ``(False, exception)`` for it to raise."""
+    op, *args = request
+    try:
+        if op == "lookup":
+            return True, sj.lookup(*args)
+        if op == "record":
+            await sj.record_memo(*args)
+            return True, None
+        if op == "ask":
+            return True, await sj.ask(*args)
+        raise ValueError(f"unknown journal request {op!r}")
+    except Exception as exc:
+        return False, exc
+
+
+def _remove_all(removals: list[tuple[list[str], tuple[str, ...]]]) -> None:
+    for paths, folders in removals:
+        remove_files(paths, folders)
