@@ -202,7 +202,7 @@ class Generation:
                 run.step_ended(name)
         finally:
             slot.release()
-        if not self._complete(li, si, output, error, timing.started_at, attempts, retried):
+        if not self._complete(li, si, output, error, timing, attempts, retried):
             return False
         return self._after_step(li, si, name)
 
@@ -212,7 +212,7 @@ class Generation:
         si: int,
         output: object,
         error: BaseException | None,
-        started: datetime,
+        timing: StepTiming,
         attempts: int,
         retried: tuple[BaseException, ...],
     ) -> bool:
@@ -220,7 +220,9 @@ class Generation:
         False when saving failed (the generation then ends with that error)."""
         loop, run = self.loop, self.run
         ended = _utcnow()
-        loop_done = record_step(loop, li, si, output, error, started, ended) >= len(loop.steps)
+        started, waits = timing.started_at, tuple(timing.waits)
+        next_step = record_step(loop, li, si, output, error, started, ended, waits)
+        loop_done = next_step >= len(loop.steps)
         name = loop.steps[si]
         result = StepResult(li, si, name, output, error, started, ended, attempts, retried)
         if loop_done:

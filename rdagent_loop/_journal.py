@@ -61,6 +61,7 @@ from ._session._entries import (
 from ._session._format import signing_key
 
 if TYPE_CHECKING:
+    from ._executors import StepTiming
     from ._loop import LoopBase
     from ._run import Run
     from ._step_limit import StepSlot
@@ -418,6 +419,7 @@ class StepJournal:
         slot: StepSlot | None,
         *,
         is_async: bool,
+        timing: StepTiming | None = None,
     ) -> None:
         self.journal = journal
         self.loop = loop
@@ -426,6 +428,7 @@ class StepJournal:
         self.step_name = step_name
         self.slot = slot
         self.is_async = is_async
+        self.timing = timing
         self.asks = 0
         self.closed = False
         self.thread = threading.get_ident()
@@ -485,10 +488,12 @@ class _Parked:
     def __init__(self, sj: StepJournal) -> None:
         self.sj = sj
         self.since = 0.0
+        self.since_at = datetime.now(timezone.utc)
 
     async def __aenter__(self) -> None:
         sj = self.sj
         self.since = anyio.current_time()
+        self.since_at = datetime.now(timezone.utc)
         if sj.slot is not None:
             sj.slot.release()
         for lender in sj.lenders:
@@ -502,6 +507,8 @@ class _Parked:
             lender.take_back()
         if sj.timeout_scope is not None:
             sj.timeout_scope.deadline += anyio.current_time() - self.since
+        if sj.timing is not None:
+            sj.timing.waits.append((self.since_at, datetime.now(timezone.utc)))
         if sj.slot is not None and exc_info[0] is None:
             await sj.slot.retake()
 

@@ -23,6 +23,7 @@ def record_step(
     error: BaseException | None,
     started: datetime,
     ended: datetime,
+    waits: tuple[tuple[datetime, datetime], ...] = (),
 ) -> int:
     """Record step ``step_idx`` of loop ``loop_idx`` as completed; return the loop's next step.
 
@@ -41,7 +42,7 @@ def record_step(
         next_step = step_idx + 1
     loop.step_idx[loop_idx] = next_step
     loop.loop_trace[loop_idx].append(
-        LoopTrace(started, ended, step_idx, name, None if error is None else repr(error))
+        LoopTrace(started, ended, step_idx, name, None if error is None else repr(error), waits)
     )
     if step_idx == 0 and loop_idx == loop.loop_idx:
         loop.loop_idx += 1  # the kickoff's loop: the next one may be proposed

@@ -96,10 +96,13 @@ class LoopTrace:
     step_idx: int
     step_name: str = ""
     exception: str | None = None
+    waits: tuple[tuple[datetime, datetime], ...] = ()
+    """When the step waited for answers to its questions (``loop.ask``), start and end."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         # a frozen slots dataclass otherwise pickles through a Python-level __getstate__
-        return (LoopTrace, (self.start, self.end, self.step_idx, self.step_name, self.exception))
+        fields = (self.start, self.end, self.step_idx, self.step_name, self.exception)
+        return (LoopTrace, (*fields, self.waits) if self.waits else fields)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

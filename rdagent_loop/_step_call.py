@@ -42,7 +42,9 @@ async def call_step(
     prev_out = loop.loop_prev_out[loop_idx]
     retried: list[BaseException] = []
     while True:
-        sj = StepJournal(journal, loop, loop_idx, step_idx, name, slot, is_async=is_async)
+        sj = StepJournal(
+            journal, loop, loop_idx, step_idx, name, slot, is_async=is_async, timing=timing
+        )
         token = current_step.set(sj)
         try:
             if timeout is None:

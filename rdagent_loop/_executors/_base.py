@@ -17,6 +17,8 @@ class StepTiming:
     importing the application), so a step's times measure the step."""
 
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    waits: list[tuple[datetime, datetime]] = field(default_factory=list)
+    """When the step waited for answers (``loop.ask``): shown apart in the timeline."""
 
     def restart(self) -> None:
         self.started_at = datetime.now(timezone.utc)
