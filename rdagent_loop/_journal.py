@@ -126,7 +126,10 @@ class Journal:
         self.on_disk = settings.save_snapshots
         self.durability = settings.durability
         self.key = signing_key(settings.signing_key)
-        self._steps: dict[tuple[int, int], _Step] = {}
+        # with nothing saved, the journal lives on the loop object, for its next run()
+        self._steps: dict[tuple[int, int], _Step] = (
+            {} if self.on_disk else self.loop.__dict__.setdefault("_journal_steps", {})
+        )
         self._next_n: dict[tuple[int, int], int] = {}  # never reused within a run
         self.questions: dict[str, _Open] = {}
         self._delivered: set[str] = set()  # questions this run's consumer has been given
@@ -146,6 +149,7 @@ class Journal:
     async def __aenter__(self) -> Journal:
         if self.on_disk:
             await anyio.to_thread.run_sync(self._load)
+        self._open_questions()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._sweep)
@@ -178,12 +182,28 @@ class Journal:
             step = self._steps[(li, si)] = _Step(paths=found.paths)
             for entry in found.entries:
                 step.entries[(entry.kind, entry.key)] = entry
-            for entry in found.entries:
+        # answers left while no run went: journaled now, before any step can ask again
+        asked = {
+            e.value().id: key
+            for key, step in self._steps.items()
+            for e in step.entries.values()
+            if e.kind == QUESTION
+        }
+        for qid, (entry, path) in read_answers(self.session, self.key).items():
+            where = asked.get(qid)
+            if where is not None and self.get(*where, ANSWER, qid) is None:
+                self.record_now(*where, entry)
+            stale.append(path)
+        remove_files(stale)
+
+    def _open_questions(self) -> None:
+        """The questions of the journal that have no answer: open again in this run."""
+        for step in self._steps.values():
+            for entry in step.entries.values():
                 if entry.kind == QUESTION:
                     question = entry.value()
                     if (ANSWER, question.id) not in step.entries:
                         self.questions[question.id] = _Open(question)
-        remove_files(stale)
         if self.questions:
             log.info("%d questions are still open from an earlier run", len(self.questions))
 
@@ -487,13 +507,15 @@ class _Parked:
 
     def __init__(self, sj: StepJournal) -> None:
         self.sj = sj
-        self.since = 0.0
+        self.left = math.inf  # of the step's own timeout
         self.since_at = datetime.now(timezone.utc)
 
     async def __aenter__(self) -> None:
         sj = self.sj
-        self.since = anyio.current_time()
         self.since_at = datetime.now(timezone.utc)
+        if sj.timeout_scope is not None:
+            self.left = sj.timeout_scope.deadline - anyio.current_time()
+            sj.timeout_scope.deadline = math.inf
         if sj.slot is not None:
             sj.slot.release()
         for lender in sj.lenders:
@@ -506,7 +528,7 @@ class _Parked:
         for lender in sj.lenders:
             lender.take_back()
         if sj.timeout_scope is not None:
-            sj.timeout_scope.deadline += anyio.current_time() - self.since
+            sj.timeout_scope.deadline = anyio.current_time() + self.left
         if sj.timing is not None:
             sj.timing.waits.append((self.since_at, datetime.now(timezone.utc)))
         if sj.slot is not None and exc_info[0] is None:

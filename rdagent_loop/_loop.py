@@ -25,7 +25,9 @@ log = logging.getLogger("rdagent_loop")
 L = TypeVar("L", bound="LoopBase")
 
 # attributes that belong to a live run, never to a snapshot
-_RUNTIME_ATTRS = frozenset({"_running", "_saved", "_snapshot_unsigned", "_finished_below"})
+_RUNTIME_ATTRS = frozenset(
+    {"_running", "_saved", "_snapshot_unsigned", "_finished_below", "_journal_steps"}
+)
 
 # what a withdraw keeps of the live loop when it takes a restored snapshot's state
 _LIVE_ATTRS = ("timer", "settings", "session_folder", "step_n", "_running")

@@ -135,7 +135,8 @@ class Run:
                 await anyio.to_thread.run_sync(self._take_session)
             self._apply_budgets()
             restorer = Restorer(loop, self.writer if self.settings.save_snapshots else None)
-            async with self.writer, self.journal, self.runner:
+            # the journal closes last: the writer, as it drains, drops completed steps' journals
+            async with self.journal, self.writer, self.runner:
                 reason = await self._run_generations(restorer)
         finally:
             if self.session_lock is not None:

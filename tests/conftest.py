@@ -87,6 +87,8 @@ ALLOWED_TO_BLOCK: list[tuple[tuple[str, ...], str, set[str], str]] = [
 
 _LIBRARY = str(Path(rdagent_loop.__file__).parent)
 _INLINE = os.path.join(_LIBRARY, "_executors", "_inline.py")
+_LOOP = os.path.join(_LIBRARY, "_loop.py")
+_CALLS_USER_CODE = {"_call", "memo_blocking"}  # loop.memo's fn is the application's
 _ASYNC = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
@@ -101,6 +103,13 @@ def _engine_blocks() -> bool:
         code = frame.f_code
         if code.co_filename == _INLINE and callee is not None:
             return bool(callee.co_flags & _ASYNC) and CHECK_ASYNC_STEPS
+        if (
+            code.co_filename == _LOOP
+            and code.co_name in _CALLS_USER_CODE
+            and callee is not None
+            and not callee.co_filename.startswith(_LIBRARY)
+        ):
+            return False
         if code.co_flags & _ASYNC and code.co_filename.startswith(_LIBRARY):
             return True
         callee = code

@@ -396,9 +396,16 @@ def newest_valid(
         raise FileNotFoundError(
             f"no valid snapshot in session folder {folder}: all {skipped} are broken"
         )
-    leftovers = [n for n in (STORE_NAME, TMP_NAME) if (folder / n).is_dir()]
+    leftovers = [n for n in (STORE_NAME, TMP_NAME, ".journal") if (folder / n).is_dir()]
     why = " (a run was stopped before its first snapshot was complete)" if leftovers else ""
+    journal = (
+        "; the journal of the first loop's first step is kept: start the run again with "
+        "a new loop object on the same trace_path, and what it memoized or was answered "
+        "is not asked again"
+        if (folder / ".journal").is_dir()
+        else ""
+    )
     raise FileNotFoundError(
         f"no snapshot in session folder {folder}: nothing was saved yet{why}, so there is "
-        "nothing to resume"
+        f"nothing to resume{journal}"
     )
