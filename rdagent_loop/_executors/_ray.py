@@ -12,11 +12,17 @@ return value comes back. An exception comes back as itself. The result is awaite
 thread, so it works under asyncio and trio; cancelling the step calls
 ``ray.cancel(force=True)``, which kills the worker process running it. Ray's own retries are
 off: the engine's ``retries`` policy decides.
+
+A step's calls to the step journal (``memo_blocking``, ``ask_blocking``) reach the engine
+through a mailbox: a small async Ray actor, one per run, wherever the task runs. The task
+puts a request under its call's token and waits for the answer; the engine, while it awaits
+the step, takes that token's requests (in a thread, like the result) and answers them.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 from types import ModuleType
@@ -25,6 +31,7 @@ from typing import Any
 import anyio
 
 from .._compat import add_note
+from .._journal import StepJournal, current_step, serve
 from .._settings import LoopSettings, StepResources
 from ._base import StepCall
 from ._wire import RemoteTraceback
@@ -32,6 +39,7 @@ from ._wire import RemoteTraceback
 log = logging.getLogger("rdagent_loop")
 
 _MISSING = "the 'ray' executor needs Ray: pip install 'rdagent_loop[ray]'"
+_FAILED = object()  # marks the outcome of a task that raised
 
 
 def check_ray_installed() -> None:
@@ -46,12 +54,84 @@ def import_ray() -> ModuleType:
         raise ImportError(_MISSING, name="ray") from exc
 
 
-def _run_shipped_step(payload: bytes) -> Any:
-    """The Ray task: unpickle the bound method and ``prev_out``, call it."""
+def _run_shipped_step(payload: bytes, mailbox: Any, token: int) -> Any:
+    """The Ray task: unpickle the bound method and ``prev_out``, call it; its journal calls
+    go to the engine through ``mailbox``."""
     from ray import cloudpickle
 
+    from .. import _journal
+
     func, prev_out = cloudpickle.loads(payload)
-    return func(prev_out)
+    _journal.remote_port = _MailboxPort(mailbox, token)
+    try:
+        return func(prev_out)
+    finally:
+        _journal.remote_port = None
+
+
+class _MailboxPort:
+    """The step journal, as a step in a Ray task reaches it."""
+
+    def __init__(self, mailbox: Any, token: int) -> None:
+        self.mailbox = mailbox
+        self.token = token
+
+    def _call(self, *request: Any) -> Any:
+        import ray
+
+        ok, value = ray.get(self.mailbox.call.remote(self.token, request))
+        if not ok:
+            raise value
+        return value
+
+    def lookup(self, key: str) -> tuple[bool, Any]:
+        found, value = self._call("lookup", key)
+        return found, value
+
+    def record(self, key: str, data: bytes) -> None:
+        self._call("record", key, data)
+
+    def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
+        return self._call("ask", text, payload, timeout, default)
+
+
+class _Mailbox:
+    """A Ray actor (async) between running steps and the engine: requests by call token."""
+
+    def __init__(self) -> None:
+        self.requests: dict[int, Any] = {}  # token -> asyncio.Queue of (request id, request)
+        self.waiting: dict[int, Any] = {}  # request id -> asyncio.Future of the answer
+        self.next_id = 0
+
+    def _queue(self, token: int) -> Any:
+        import asyncio
+
+        queue = self.requests.get(token)
+        if queue is None:
+            queue = self.requests[token] = asyncio.Queue()
+        return queue
+
+    async def call(self, token: int, request: Any) -> Any:
+        import asyncio
+
+        self.next_id += 1
+        answer = self.waiting[self.next_id] = asyncio.get_running_loop().create_future()
+        await self._queue(token).put((self.next_id, request))
+        return await answer
+
+    async def next_request(self, token: int) -> Any:
+        """The next request of call ``token``; None once the call is over."""
+        return await self._queue(token).get()
+
+    async def answer(self, request_id: int, answer: Any) -> None:
+        future = self.waiting.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_result(answer)
+
+    async def close(self, token: int) -> None:
+        queue = self.requests.pop(token, None)
+        if queue is not None:
+            queue.put_nowait(None)
 
 
 class RayExecutor:
@@ -63,6 +143,8 @@ class RayExecutor:
         self._task: Any = None
         self._owns_session = False
         self._lock: anyio.Lock | None = None
+        self._mailbox: Any = None
+        self._tokens = itertools.count()
 
     async def _connect(self) -> ModuleType:
         if self._lock is None:
@@ -81,6 +163,7 @@ class RayExecutor:
                     self._owns_session = True
                     log.info("ray: connected to %s", self._address or "a new local cluster")
                 self._task = ray.remote(_run_shipped_step)
+                self._mailbox = ray.remote(_Mailbox).options(max_concurrency=1000).remote()
                 self._ray = ray
         return self._ray
 
@@ -91,13 +174,31 @@ class RayExecutor:
         except Exception as exc:
             add_note(exc, f"while sending {call.describe()} to Ray: self and prev_out must pickle")
             raise
+        token = next(self._tokens)
         ref = self._task.options(**task_options(call, self._resources.get(call.name))).remote(
-            payload
+            payload, self._mailbox, token
         )
         del payload
+        outcome: list[Any] = []  # taken out of the task group, which would wrap an error
+
+        async def wait_for_result() -> None:
+            try:
+                outcome.append(await anyio.to_thread.run_sync(ray.get, ref, abandon_on_cancel=True))
+            except Exception as exc:
+                outcome.append(exc)
+                outcome.append(_FAILED)
+            tg.cancel_scope.cancel()
+
         try:
-            return await anyio.to_thread.run_sync(ray.get, ref, abandon_on_cancel=True)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._serve_requests, ray, token, current_step.get())
+                await wait_for_result()
+            self._mailbox.close.remote(token)
+            if outcome[-1] is _FAILED:
+                raise outcome[0]
+            return outcome[0]
         except anyio.get_cancelled_exc_class():
+            self._mailbox.close.remote(token)
             ray.cancel(ref, force=True)
             raise
         except ray.exceptions.RayTaskError as exc:
@@ -110,8 +211,27 @@ class RayExecutor:
             add_note(exc, f"while running {call.describe()} as a Ray task")
             raise
 
+    async def _serve_requests(self, ray: ModuleType, token: int, sj: StepJournal | None) -> None:
+        """Answer the journal requests of call ``token`` while it runs."""
+        mailbox = self._mailbox
+        while True:
+            request = await anyio.to_thread.run_sync(
+                ray.get, mailbox.next_request.remote(token), abandon_on_cancel=True
+            )
+            if request is None:
+                return
+            request_id, body = request
+            if sj is None:
+                answer: tuple[bool, Any] = (False, RuntimeError("this step has no journal"))
+            else:
+                answer = await serve(sj, body)
+            mailbox.answer.remote(request_id, answer)
+
     async def aclose(self) -> None:
         ray, self._ray = self._ray, None
+        if ray is not None and self._mailbox is not None:
+            ray.kill(self._mailbox)
+            self._mailbox = None
         if ray is not None and self._owns_session:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(ray.shutdown)

@@ -210,3 +210,45 @@ async def test_cancelled_ray_step_stops(tmp_path, local_ray):
     assert [line[3] for line in lines] == ["start"]  # it never ran to its end
     workers = [int(line[1]) for line in lines]
     assert not wait_gone(workers, timeout=10)  # ray.cancel(force=True) killed the task
+
+
+class JournalOnRay(LoopBase):
+    """A Ray step that memoizes a call, fails its first attempt, and asks a question."""
+
+    def __init__(self, settings, folder: Path):
+        super().__init__(settings)
+        self.folder = folder
+
+    def s0(self, prev_out):
+        return prev_out[self.LOOP_IDX_KEY]
+
+    @step(executor="ray", num_cpus=0.5, retries=1, backoff=0.01)
+    def work(self, prev_out):
+        def call_model():
+            with (self.folder / "calls").open("a") as f:
+                f.write("model\n")
+            return "drafted on ray"
+
+        draft = self.memo_blocking("model", call_model)
+        marker = self.folder / "failed-once"
+        if not marker.exists():
+            marker.write_text("x")
+            raise ConnectionError("the first attempt fails")
+        return (draft, self.ask_blocking("approve?", payload=draft))
+
+
+async def test_ray_steps_journal_and_ask_through_the_engine(tmp_path, local_ray):
+    from rdagent_loop import Question
+
+    loop = JournalOnRay(settings_for(tmp_path), tmp_path)
+    async with loop.run(loop_n=1) as results:
+        items = []
+        async for item in results:
+            items.append(item)
+            if isinstance(item, Question):
+                assert item.payload == "drafted on ray"
+                results.answer(item.id, "approved")
+    assert (tmp_path / "calls").read_text() == "model\n"  # replayed on the retry
+    assert loop.loop_prev_out[0]["work"] == ("drafted on ray", "approved")
+    assert [type(i).__name__ for i in items] == ["StepResult", "Question", "StepResult"]
+    assert results.summary is not None and results.summary.replayed == 1
