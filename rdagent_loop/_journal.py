@@ -351,6 +351,7 @@ class Journal:
         li, si = sj.loop_idx, sj.step_idx
         asked = self.get(li, si, QUESTION, f"ask{k}")
         if asked is None:
+            await sj.settle()
             question = Question(
                 f"{li}.{si}.{k}-{secrets.token_hex(2)}",
                 li,
@@ -449,6 +450,11 @@ class StepJournal:
         self.slot = slot
         self.is_async = is_async
         self.timing = timing
+        # the snapshots submitted when the attempt started, among them the one showing its
+        # loop at this step: on disk before the step's first entry, so that a resume finds
+        # the loop at this step and takes its journal (not an older snapshot, which would
+        # call the entries left over)
+        self.mark = journal.run.writer.submitted
         self.asks = 0
         self.closed = False
         self.thread = threading.get_ident()
@@ -469,6 +475,14 @@ class StepJournal:
                 "its abandoned thread cannot use the journal"
             )
 
+    def settled(self) -> bool:
+        return self.journal.run.writer.is_written(self.mark)
+
+    async def settle(self) -> None:
+        """Wait until the snapshot showing this loop at this step is on disk."""
+        if not self.settled():
+            await self.journal.run.writer.wait_written(self.mark)
+
     def lookup(self, key: str) -> tuple[bool, Any]:
         """``(True, result)`` for a journaled memo key, else ``(False, None)``."""
         entry = self.journal.get(self.loop_idx, self.step_idx, MEMO, key)
@@ -479,6 +493,7 @@ class StepJournal:
 
     async def record_memo(self, key: str, data: bytes) -> None:
         self._check_open()
+        await self.settle()
         await self.journal.record(self.loop_idx, self.step_idx, Entry(MEMO, key, data))
 
     def record_memo_now(self, key: str, data: bytes) -> None:
@@ -535,6 +550,12 @@ class _Parked:
             await sj.slot.retake()
 
 
+class AwaitingSnapshot(BaseException):
+    """Raised by ``memo_blocking`` in a sync step on the event loop's thread before its
+    first call, while the snapshot showing the loop at this step is not on disk yet: the
+    engine waits for it, then runs the step again (nothing was paid for yet)."""
+
+
 class AwaitingAnswer(BaseException):
     """Raised by ``ask_blocking`` in a sync step on the event loop's thread, whose question
     has no answer yet: the engine waits for it without blocking, then runs the step again
@@ -557,6 +578,8 @@ class AwaitingAnswer(BaseException):
 
 class Port(Protocol):
     def lookup(self, key: str) -> tuple[bool, Any]: ...
+
+    def prepare(self) -> None: ...
 
     def record(self, key: str, data: bytes) -> None: ...
 
@@ -593,6 +616,10 @@ class _InlinePort:
     def lookup(self, key: str) -> tuple[bool, Any]:
         return self.sj.lookup(key)
 
+    def prepare(self) -> None:
+        if not self.sj.settled():  # before the call is paid for: wait, then run the step again
+            raise AwaitingSnapshot
+
     def record(self, key: str, data: bytes) -> None:
         self.sj.record_memo_now(key, data)
 
@@ -617,6 +644,9 @@ class _ThreadPort:
 
     def lookup(self, key: str) -> tuple[bool, Any]:
         return anyio.from_thread.run_sync(self.sj.lookup, key)
+
+    def prepare(self) -> None:
+        """Nothing: ``record`` waits for the snapshot on the event loop."""
 
     def record(self, key: str, data: bytes) -> None:
         anyio.from_thread.run(self.sj.record_memo, key, data)

@@ -165,6 +165,7 @@ class LoopBase(metaclass=LoopMeta):
         found, result = port.lookup(key)
         if found:
             return result
+        port.prepare()
         result = fn(*args, **kwargs)
         port.record(key, pickle_value(result, f"the result of memo key {key!r}"))
         return result

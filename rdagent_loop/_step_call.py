@@ -13,7 +13,7 @@ import anyio
 
 from ._errors import QuestionTimeoutError, StepTimeoutError
 from ._executors import StepRunner, StepTiming
-from ._journal import AwaitingAnswer, Journal, StepJournal, current_step
+from ._journal import AwaitingAnswer, AwaitingSnapshot, Journal, StepJournal, current_step
 from ._logging import log
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ async def call_step(
                 if scope.cancelled_caught:
                     raise StepTimeoutError(name, timeout)
             return output, len(retried) + 1, tuple(retried)
+        except AwaitingSnapshot:
+            await sj.settle()  # then the step runs again: nothing was paid for yet
         except AwaitingAnswer as waiting:
             # a sync step on the event loop's thread asked: wait here, then run it again
             with contextlib.suppress(QuestionTimeoutError):  # the step, run again, raises it

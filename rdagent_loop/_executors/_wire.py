@@ -198,6 +198,9 @@ class PipePort:
         found, value = self._call("lookup", key)
         return found, value
 
+    def prepare(self) -> None:
+        """Nothing: the engine waits for the snapshot when the result is recorded."""
+
     def record(self, key: str, data: bytes) -> None:
         self._call("record", key, data)
 

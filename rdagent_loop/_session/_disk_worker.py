@@ -149,7 +149,10 @@ def _answer(fd: int, answers: list[bytes]) -> None:
 
 def main(argv: list[str]) -> None:
     _die_with_parent(int(argv[1]))  # the lifeline's read end
-    serve(sys.stdin.fileno(), sys.stdout.fileno())
+    try:
+        serve(sys.stdin.fileno(), sys.stdout.fileno())
+    except BrokenPipeError:  # the parent died (SIGKILL): nobody reads the answers
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,23 @@ class SnapshotWriter:
         while self._submitted_bytes - self._done_bytes > self.max_pending and self._error is None:
             await self._changed.wait()
 
+    @property
+    def submitted(self) -> int:
+        """How many jobs were submitted so far: a mark for ``is_written``/``wait_written``."""
+        return self._submitted
+
+    def is_written(self, mark: int) -> bool:
+        """Whether the first ``mark`` jobs are on disk (or the writer failed)."""
+        return self._done >= mark or self._error is not None
+
+    async def wait_written(self, mark: int) -> None:
+        """Wait until the first ``mark`` jobs are on disk; raise a failed write's error."""
+        while not self.is_written(mark):
+            await self._changed.wait()
+        error = self.take_error()
+        if error is not None:
+            raise error
+
     async def drain(self) -> None:
         """Wait until every snapshot submitted so far is on disk; raise a failed write's error.
 

@@ -295,11 +295,29 @@ async def test_ask_blocking_pauses_one_loop_on_every_executor(
     """Loop 0's sync ``review`` waits; loop 1 runs to its end meanwhile; then loop 0 is
     answered. What the step memoized before it asked is not paid for twice (inline: the
     step runs again once answered)."""
+    # one review at a time: loop 1's review runs only if loop 0's lends its slot, and its
+    # thread or worker process
+    limits = {"propose": 2, "review": 1, "record": 1}
     settings = settings.model_copy(
-        update={"step_semaphore": 2, "step_executor": {"review": executor}}
+        update={
+            "step_semaphore": limits,
+            "step_executor": {"review": executor},
+            "process_workers": 1,
+        }
     )
     loop = SyncAsk(tmp_path / "calls", settings=settings)
     order: list[str] = []
+    with anyio.fail_after(120):  # without the slot, thread or worker lent: never ends
+        await _answer_loop_0_after_loop_1(loop, order)
+    assert order.index("asked 0") < order.index("done 1 record") < order.index("done 0 record")
+    assert loop.loop_prev_out[0]["record"] == {"verdict": "good"}
+    assert sorted(loop.calls.made()) == ["draft0", "draft1"]
+    trace = loop.loop_trace[0][1]
+    assert trace.step_name == "review" and len(trace.waits) == 1
+    assert trace.start <= trace.waits[0][0] <= trace.waits[0][1] <= trace.end
+
+
+async def _answer_loop_0_after_loop_1(loop: SyncAsk, order: list[str]) -> None:
     async with loop.run(loop_n=2) as results:
         asked: dict[int, Question] = {}
         async for item in results:
@@ -312,12 +330,6 @@ async def test_ask_blocking_pauses_one_loop_on_every_executor(
                 order.append(f"done {item.loop_idx} {item.step_name}")
                 if (item.loop_idx, item.step_name) == (1, "record"):
                     results.answer(asked[0].id, {"verdict": "good"})
-    assert order.index("asked 0") < order.index("done 1 record") < order.index("done 0 record")
-    assert loop.loop_prev_out[0]["record"] == {"verdict": "good"}
-    assert sorted(loop.calls.made()) == ["draft0", "draft1"]
-    trace = loop.loop_trace[0][1]
-    assert trace.step_name == "review" and len(trace.waits) == 1
-    assert trace.start <= trace.waits[0][0] <= trace.waits[0][1] <= trace.end
 
 
 async def test_an_answer_from_another_process_is_taken(
