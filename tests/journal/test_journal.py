@@ -474,3 +474,20 @@ async def test_inspecting_the_journal_while_a_question_waits(
             assert stats.steps_waiting == {"propose": 1} and stats.questions_open == 1
             assert stats.memo_recorded == 1
             results.answer(item.id, "ok")
+
+
+@pytest.mark.parametrize("anyio_backend", virtual_clock_params())
+async def test_the_deadline_cancels_a_step_waiting_for_an_answer(
+    tmp_path: Path, settings: LoopSettings
+) -> None:
+    settings = settings.model_copy(update={"save_snapshots": False})
+    loop = Approval(tmp_path / "calls", settings=settings)
+    loop.review_asks = False
+    started = anyio.current_time()
+    items = []
+    async with loop.run(loop_n=1, all_duration=10) as results:
+        async for item in results:
+            items.append(item)  # never answered
+    assert anyio.current_time() - started == pytest.approx(10, abs=0.1)
+    assert results.summary is not None and results.summary.reason == "all_duration"
+    assert [type(i).__name__ for i in items] == ["Question"]
