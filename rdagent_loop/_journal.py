@@ -428,7 +428,26 @@ current_step: ContextVar[StepJournal | None] = ContextVar(
 
 
 class StepJournal:
-    """The journal as one attempt of one step sees it."""
+    """The journal as one attempt of one step sees it (made for every attempt of every
+    step, so kept small: slots, nothing computed until a step uses it)."""
+
+    __slots__ = (
+        "_waits",
+        "asks",
+        "closed",
+        "is_async",
+        "journal",
+        "lenders",
+        "loop",
+        "loop_idx",
+        "mark",
+        "slot",
+        "step_idx",
+        "step_name",
+        "thread",
+        "timeout_scope",
+        "timing",
+    )
 
     def __init__(
         self,
