@@ -184,7 +184,7 @@ class Journal:
                 step.entries[(entry.kind, entry.key)] = entry
         # answers left while no run went: journaled now, before any step can ask again
         asked = {
-            e.value().id: key
+            e.meta["id"]: key
             for key, step in self._steps.items()
             for e in step.entries.values()
             if e.kind == QUESTION
@@ -362,7 +362,7 @@ class Journal:
                 datetime.now(timezone.utc),
             )
             data = pickle_value(question, f"the payload of question {text!r} ({payload!r})")
-            await self.record(li, si, Entry(QUESTION, f"ask{k}", data))
+            await self.record(li, si, Entry(QUESTION, f"ask{k}", data, {"id": question.id}))
             self.questions[question.id] = _Open(question)
             self._signal()
         else:
@@ -372,17 +372,19 @@ class Journal:
             opened = self.questions.get(question.id)
             if opened is None:  # dropped meanwhile: open it again
                 opened = self.questions[question.id] = _Open(question)
-            if question.id not in self._delivered:
-                self._delivered.add(question.id)
-                await self.run.deliver_question(question)
             answer = await self._wait(sj, opened, limit, default)
         return outcome(answer, limit)
 
     async def _wait(
         self, sj: StepJournal, opened: _Open, limit: float | None, default: Any
     ) -> Entry:
-        """Wait for the answer, parked: the step's slots are lent out meanwhile."""
+        """Hand the question to the consumer (once per run) and wait for the answer, parked:
+        the step's slots are lent out meanwhile (also while the stream has no room)."""
+        question = opened.question
         async with sj.parked():
+            if question.id not in self._delivered:
+                self._delivered.add(question.id)
+                await self.run.deliver_question(question)
             with anyio.move_on_after(math.inf if limit is None else limit):
                 await opened.answered.wait()
             if opened.entry is None and opened.answering:  # it came just now: take it
@@ -393,8 +395,7 @@ class Journal:
         has_default = default is not NO_DEFAULT
         data = pickle_value(default if has_default else None, f"the default {default!r}")
         meta = {"timed_out": True, "default": has_default, "timeout": limit}
-        entry = Entry(ANSWER, opened.question.id, data, meta)
-        question = opened.question
+        entry = Entry(ANSWER, question.id, data, meta)
         await self.record(question.loop_idx, question.step_idx, entry)
         self._answered(opened, entry)
         log.warning(

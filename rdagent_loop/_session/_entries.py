@@ -127,11 +127,15 @@ def read_journal(session: Path, key: bytes | None) -> dict[tuple[int, int], Step
     """Every journaled step of a session: ``(loop, step) -> its entries`` in order (blocking)."""
     found: dict[tuple[int, int], StepEntries] = {}
     for loop_idx, step_idx, n, path in _entry_files(session):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:  # a running engine removed it: its step completed
+            continue
         step = found.setdefault((loop_idx, step_idx), StepEntries())
         step.next_n = max(step.next_n, n + 1)
         step.paths.append(path)
-        with open(path, "rb") as f:
-            entry = decode(f.read(), key, path)
+        entry = decode(data, key, path)
         if entry is not None:
             step.entries.append(entry)
     return found
@@ -146,7 +150,11 @@ def _entry_files(session: Path) -> Iterator[tuple[int, int, int, str]]:
         return
     for loop_entry in loops:
         files = []
-        for e in os.scandir(loop_entry.path):
+        try:
+            names = list(os.scandir(loop_entry.path))
+        except FileNotFoundError:  # a running engine removed it: its loop finished
+            continue
+        for e in names:
             step, dot, count = e.name.partition(".")
             if dot and step.isdigit() and count.isdigit():
                 files.append((int(step), int(count), e.path))
@@ -196,19 +204,25 @@ def open_questions(session: Path, key: bytes | None) -> list[Question]:
     A question is open while its step is in progress (no step file shows it complete), no
     answer is journaled for it, and no answer waits in ``.answers``.
     """
+    questions = [entry.value() for entry in _open_entries(session, key)]
+    questions.sort(key=lambda q: (q.asked_at, q.id))
+    return questions
+
+
+def _open_entries(session: Path, key: bytes | None) -> list[Entry]:
+    """The journal entries of the open questions (not unpickled: ``meta["id"]`` names them,
+    so answering one needs no import of the classes in any payload)."""
     answered = set(read_answers(session, key))
-    questions = []
+    found = []
     for (loop_idx, step_idx), step in read_journal(session, key).items():
         if _step_completed(session, loop_idx, step_idx):
             continue  # a run was killed before it removed the journal of a completed step
         done = {e.key for e in step.entries if e.kind == ANSWER}
         for entry in step.entries:
-            if entry.kind == QUESTION:
-                question = entry.value()
-                if question.id not in done and question.id not in answered:
-                    questions.append(question)
-    questions.sort(key=lambda q: (q.asked_at, q.id))
-    return questions
+            qid = entry.meta.get("id") if entry.kind == QUESTION else None
+            if qid is not None and qid not in done and qid not in answered:
+                found.append(entry)
+    return found
 
 
 def _step_completed(session: Path, loop_idx: int, step_idx: int) -> bool:
@@ -229,7 +243,7 @@ def leave_answer(
     """
     if not isinstance(question_id, str):
         raise TypeError(f"question_id must be a str, got {question_id!r}")
-    if not any(q.id == question_id for q in open_questions(session, key)):
+    if not any(e.meta["id"] == question_id for e in _open_entries(session, key)):
         raise KeyError(
             f"no open question {question_id!r} in session {session}: unknown, or answered "
             "already (rdagent-loop questions lists the open ones)"
