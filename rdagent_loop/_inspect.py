@@ -4,24 +4,36 @@ Used by the ``inspect``, ``timeline`` and ``resume`` commands. It reads a sessio
 the engine does: the session package finds the folder and picks the snapshot a load
 continues from, :func:`list_snapshots` checks every snapshot without unpickling it, and
 ``LoopBase.load`` reads the chosen one (whose ``loop_trace`` has the timing of every
-finished step of every loop).
+finished step of every loop). The steps in progress are read from the step journal
+(``.journal``; only the names in ``.answers``): what they memoized, what they ask.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import reprlib
 import sys
 import warnings
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from . import LoopBase, LoopSettings, SnapshotError, SnapshotInfo, list_snapshots
+from ._results import Question
 from ._session import newest_valid, qualified_name, session_folder_of, signing_key, snapshot_files
+from ._session._entries import (
+    ANSWER,
+    ANSWERS_NAME,
+    MEMO,
+    QUESTION,
+    QUESTION_ID,
+    Entry,
+    read_journal,
+)
 
 META_FILE = "rdagent-loop.json"
 """Written by ``rdagent-loop run`` beside ``__session__``: the loop class, so ``resume`` and
@@ -172,6 +184,7 @@ def load_loop(
 _short = reprlib.Repr()
 _short.maxstring = 80
 _short.maxother = 80
+_NEVER = datetime(1, 1, 1, tzinfo=timezone.utc)
 
 
 def summarize(value: Any, width: int = 80) -> str:
@@ -197,12 +210,47 @@ class StepRow:
     error: str | None = None
     snapshot: str | None = None  # path relative to the session folder
     snapshot_problem: str | None = None  # set when that snapshot is corrupt
+    waits: tuple[tuple[datetime, datetime], ...] = ()  # waiting for answers (``loop.ask``)
 
     @property
     def duration(self) -> float | None:
         if self.started_at is None or self.ended_at is None:
             return None
         return (self.ended_at - self.started_at).total_seconds()
+
+    @property
+    def waited(self) -> float:
+        """Seconds of the step spent waiting for answers to its questions."""
+        return sum((end - start).total_seconds() for start, end in self.waits)
+
+
+@dataclass(frozen=True, slots=True)
+class QuestionRow:
+    """An open question of a step in progress (``loop.ask``), as the journal holds it."""
+
+    id: str
+    loop_idx: int
+    step_idx: int
+    step_name: str
+    question: str
+    payload: str  # a short repr
+    asked_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["asked_at"] = self.asked_at.isoformat() if self.asked_at else None
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRow:
+    """The journal of a loop's step in progress: memoized calls made, questions open."""
+
+    step_idx: int
+    memos: int = 0
+    questions: tuple[QuestionRow, ...] = ()
+    answers_waiting: int = 0
+    """Questions answered from another process, the answer not taken by a run yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +259,7 @@ class LoopRow:
     status: LoopStatus
     next_step: str | None
     steps: tuple[StepRow, ...]
+    journal: JournalRow | None = None  # its step in progress, if that journaled anything
 
     @property
     def busy(self) -> float:
@@ -245,13 +294,40 @@ class SessionReport:
     def corrupt(self) -> list[SnapshotInfo]:
         return [s for s in self.snapshots if not s.valid]
 
+    @property
+    def questions(self) -> list[QuestionRow]:
+        """The open questions of every loop, oldest first."""
+        found = [q for row in self.loops if row.journal for q in row.journal.questions]
+        return sorted(found, key=lambda q: (q.asked_at or _NEVER, q.id))
+
+    @property
+    def memos_journaled(self) -> int:
+        """Memoized calls journaled by the steps in progress (a re-run gets them free)."""
+        return sum(row.journal.memos for row in self.loops if row.journal)
+
+    @property
+    def answers_waiting(self) -> int:
+        return sum(row.journal.answers_waiting for row in self.loops if row.journal)
+
     def to_json(self) -> dict[str, Any]:
         def step(s: StepRow) -> dict[str, Any]:
             d = asdict(s)
             d["started_at"] = s.started_at.isoformat() if s.started_at else None
             d["ended_at"] = s.ended_at.isoformat() if s.ended_at else None
             d["duration"] = s.duration
+            d["waits"] = [[a.isoformat(), b.isoformat()] for a, b in s.waits]
+            d["waited"] = s.waited
             return d
+
+        def journal(j: JournalRow | None) -> dict[str, Any] | None:
+            if j is None:
+                return None
+            return {
+                "step_idx": j.step_idx,
+                "memos": j.memos,
+                "questions": [q.to_json() for q in j.questions],
+                "answers_waiting": j.answers_waiting,
+            }
 
         return {
             "trace_path": str(self.trace_path),
@@ -264,6 +340,9 @@ class SessionReport:
             "time_left": None if self.time_left is None else self.time_left.total_seconds(),
             "loop_n": self.loop_n,
             "step_n": self.step_n,
+            "questions_open": len(self.questions),
+            "memos_journaled": self.memos_journaled,
+            "answers_waiting": self.answers_waiting,
             "loops": [
                 {
                     "loop_idx": row.loop_idx,
@@ -272,6 +351,7 @@ class SessionReport:
                     "duration": row.busy,
                     "result": row.result,
                     "steps": [step(s) for s in row.steps],
+                    "journal": journal(row.journal),
                 }
                 for row in self.loops
             ],
@@ -296,28 +376,49 @@ class SessionReport:
 
 
 def build_report(
-    loop: LoopBase | None, paths: SessionPaths, snapshots: list[SnapshotInfo], **extra: Any
+    loop: LoopBase | None,
+    paths: SessionPaths,
+    snapshots: list[SnapshotInfo],
+    journal: dict[int, JournalRow] | None = None,
+    *,
+    class_steps: tuple[str, ...] = (),
+    **extra: Any,
 ) -> SessionReport:
-    """Loops x steps from the loaded loop, with every snapshot's validity attached."""
+    """Loops x steps from the loaded loop, with every snapshot's validity attached, and
+    the journal of every step in progress (:func:`read_journals`).
+
+    ``class_steps``: the steps of the loop's class, when no state could be loaded.
+    """
+    journal = journal or {}
     by_cell: dict[tuple[int, int], SnapshotInfo] = {}
     for info in snapshots:
         by_cell[(info.loop_idx, info.step_idx)] = info  # newest wins: they are sorted by time
-    steps: tuple[str, ...] = tuple(loop.steps) if loop is not None else ()
+    steps: tuple[str, ...] = tuple(loop.steps) if loop is not None else class_steps
     if not steps:
         names: dict[int, str] = {}
         for info in snapshots:
             names.setdefault(info.step_idx, info.step_name)
-        steps = tuple(names.get(i, f"step {i}") for i in range(max(names, default=-1) + 1))
+        for row in journal.values():
+            for q in row.questions:
+                names.setdefault(q.step_idx, q.step_name)
+        last = max([*names, *(row.step_idx for row in journal.values())], default=-1)
+        steps = tuple(names.get(i, f"step {i}") for i in range(last + 1))
     n = len(steps)
     known: set[int] = set()
     rows: list[LoopRow] = []
     if loop is not None:
         known = set(range(loop.loop_idx)) | set(loop.loop_trace) | set(loop.step_idx)
-    for li in sorted(known | {i.loop_idx for i in snapshots}):
+    saved = {i.loop_idx for i in snapshots}
+    for li in sorted(known | saved | set(journal)):
         traces = {t.step_idx: t for t in (loop.loop_trace.get(li, []) if loop else [])}
         in_state = loop is not None and li in known
         at = loop.step_idx.get(li, 0) if loop is not None and in_state else 0
         outputs = loop.loop_prev_out.get(li, {}) if loop is not None and in_state else {}
+        # a loop whose first step is in progress (it may wait for an answer): in no
+        # snapshot yet, only in the journal
+        starting = not in_state and li not in saved
+        if starting:
+            at = journal[li].step_idx
         cells = []
         for si, name in enumerate(steps):
             trace = traces.get(si)
@@ -327,7 +428,7 @@ def build_report(
                 status = "failed" if trace.exception else "done"
             elif in_state and si < at:
                 status = "skipped"
-            elif in_state and si == at and at < n:
+            elif (in_state or starting) and si == at and at < n:
                 status = "next"
             else:
                 status = "pending"
@@ -344,13 +445,24 @@ def build_report(
                     if snap is not None and snap.path.is_relative_to(paths.session_folder)
                     else None,
                     None if snap is None or snap.valid else (snap.problem or "invalid"),
+                    trace.waits if trace else (),
                 )
             )
         loop_status: LoopStatus = (
-            "lost" if not in_state else ("finished" if at >= n else "unfinished")
+            "unfinished"
+            if starting
+            else "lost"
+            if not in_state
+            else ("finished" if at >= n else "unfinished")
         )
         rows.append(
-            LoopRow(li, loop_status, steps[at] if in_state and at < n else None, tuple(cells))
+            LoopRow(
+                li,
+                loop_status,
+                steps[at] if (in_state or starting) and at < n else None,
+                tuple(cells),
+                journal.get(li),
+            )
         )
     return SessionReport(
         trace_path=paths.trace_path,
@@ -365,16 +477,135 @@ def build_report(
     )
 
 
+# -- the steps in progress: the journal ----------------------------------------------------
+
+
+def read_journals(
+    session_folder: Path, snapshots: list[SnapshotInfo]
+) -> tuple[dict[int, JournalRow], list[str]]:
+    """The journal of each loop's step in progress (``loop -> row``), and warnings.
+
+    Only ``.journal`` is read, and the names in ``.answers``. A step some snapshot shows
+    complete is left out: a run killed before it removed that step's journal left it (the
+    next run removes it). Questions whose payload cannot be unpickled here (its class not
+    importable) are listed with what is known.
+    """
+    key = signing_key(LoopSettings().signing_key)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = read_journal(session_folder, key)
+    try:
+        answered = {
+            name
+            for name in os.listdir(session_folder / ANSWERS_NAME)
+            if QUESTION_ID.fullmatch(name)
+        }
+    except OSError:
+        answered = set()
+    done: dict[int, int] = {}  # loop -> its last step a snapshot shows complete
+    for info in snapshots:
+        done[info.loop_idx] = max(done.get(info.loop_idx, -1), info.step_idx)
+    rows: dict[int, JournalRow] = {}
+    for (li, si), step in sorted(found.items()):
+        if si <= done.get(li, -1):
+            continue
+        questions: list[QuestionRow] = []
+        waiting = 0
+        answers = {e.key for e in step.entries if e.kind == ANSWER}
+        for entry in step.entries:
+            if entry.kind != QUESTION:
+                continue
+            question = _question_row(entry, li, si)
+            if question.id in answers:
+                continue
+            if question.id in answered:
+                waiting += 1
+            else:
+                questions.append(question)
+        memos = sum(1 for e in step.entries if e.kind == MEMO)
+        if li in rows:  # two steps of one loop in progress: not by the engine's rules
+            old = rows[li]
+            memos += old.memos
+            questions[:0] = old.questions
+            waiting += old.answers_waiting
+        rows[li] = JournalRow(si, memos, tuple(questions), waiting)
+    return rows, [str(w.message) for w in caught]
+
+
+def _question_row(entry: Entry, loop_idx: int, step_idx: int) -> QuestionRow:
+    try:
+        q = entry.value()
+    except Exception as exc:
+        # what is left is its place: the question and its id went with the payload
+        return QuestionRow(
+            entry.meta.get("id", f"{loop_idx}.{step_idx}.{entry.key}-?"),
+            loop_idx,
+            step_idx,
+            "",
+            f"(cannot be read here: {type(exc).__name__}: {exc})",
+            "",
+            None,
+        )
+    if not isinstance(q, Question):
+        return QuestionRow(
+            entry.meta.get("id", f"{loop_idx}.{step_idx}.{entry.key}-?"),
+            loop_idx,
+            step_idx,
+            "",
+            "?",
+            "",
+            None,
+        )
+    return QuestionRow(
+        q.id,
+        q.loop_idx,
+        q.step_idx,
+        q.step_name,
+        q.question,
+        "" if q.payload is None else summarize(_short.repr(q.payload), 60),
+        q.asked_at,
+    )
+
+
+def class_steps(loop_class: str | None) -> tuple[str, ...]:
+    """The steps of ``loop_class`` (``MODULE:CLASS``), or () when it cannot be imported."""
+    if not loop_class:
+        return ()
+    try:
+        return tuple(import_loop_class(loop_class).steps)
+    except SessionError:
+        return ()
+
+
 def read_session(
     path: str | Path, loop_class: str | None = None
 ) -> tuple[SessionReport, LoopBase | None]:
-    """Everything ``inspect`` and ``timeline`` show; the loop is None if none could be loaded."""
+    """Everything ``inspect`` and ``timeline`` show; the loop is None if none could be loaded.
+
+    A session whose first steps are in progress (asking, say) has no snapshot yet: its
+    report comes from the journal alone.
+    """
     paths = session_paths(path)
     snapshots = list_snapshots(paths.session_folder)
     if not snapshots:
-        raise SessionError(
-            f"no session at {paths.trace_path}: {paths.session_folder} holds no snapshots"
+        name = loop_class or read_meta(paths.trace_path).get("loop_class")
+        steps = class_steps(name)  # imported first: the questions' payloads may need it
+        journal, journal_warnings = read_journals(paths.session_folder, snapshots)
+        if not journal:
+            raise SessionError(
+                f"no session at {paths.trace_path}: {paths.session_folder} holds no snapshots"
+            )
+        report = build_report(
+            None,
+            paths,
+            snapshots,
+            journal,
+            class_steps=steps,
+            loop_class=name,
+            loaded_from=None,
+            warnings=tuple(journal_warnings),
         )
+        return report, None
     chosen = paths.snapshot
     if chosen is None:
         newest, snapshots = newest_snapshot(paths, snapshots)
@@ -394,13 +625,16 @@ def read_session(
             problem = f"{chosen.relative_to(paths.session_folder)}: {type(exc).__name__}: {exc}"
         else:
             name = qualified_name(type(loop))
+    # after the load: the questions' payloads may need the loop's module
+    journal, journal_warnings = read_journals(paths.session_folder, snapshots)
     report = build_report(
         loop,
         paths,
         snapshots,
+        journal,
         loop_class=name,
         loaded_from=None if chosen is None else str(chosen.relative_to(paths.session_folder)),
-        warnings=tuple(found),
+        warnings=(*found, *journal_warnings),
         problem=problem,
     )
     return report, loop

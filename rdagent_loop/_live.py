@@ -3,8 +3,9 @@
 On a terminal it redraws a small block at the bottom of the screen a few times a second and
 prints finished loops and warnings above it. Elsewhere (a pipe, a log file, CI) it prints
 one plain line per finished step instead, so the output stays readable as a log.
-It reads the run from the outside only: ``StepResult``s from the stream, and the public
-state of the loop (``step_idx``, ``loop_trace``, ``timer``) and of the run (``statistics()``).
+It reads the run from the outside only: ``StepResult``s and ``Question``s from the stream,
+and the public state of the loop (``step_idx``, ``loop_trace``, ``timer``) and of the run
+(``statistics()``: how many steps wait for an answer, too).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ._loops import peek
 from ._timeline import format_seconds
 
 if TYPE_CHECKING:
-    from . import LoopBase, LoopRun, StepResult
+    from . import LoopBase, LoopRun, Question, StepResult
     from ._run import RunStatistics
 
 
@@ -51,10 +52,14 @@ class LiveDisplay:
         step_n: int | None = None,
         loop_n: int | None = None,
         verbose: bool = False,
+        answer_with: str | None = None,
     ) -> None:
         """``step_n`` and ``loop_n``: the budgets the run starts with (a resumed session's
-        saved ones, or the command line's), until the run has set them on the loop."""
+        saved ones, or the command line's), until the run has set them on the loop.
+        ``answer_with``: the command that answers a question, but for its id and value
+        (``rdagent-loop answer <session>``)."""
         self.loop = loop
+        self.answer_with = answer_with
         self.stream = stream
         self.interactive = interactive
         self.verbose = verbose
@@ -158,6 +163,24 @@ class LiveDisplay:
         else:
             self.draw()
 
+    def question(self, question: Question) -> None:
+        """A step asks (``loop.ask``): say what, and how to answer it."""
+        payload = "" if question.payload is None else f" about {summarize(question.payload, 80)}"
+        how = (
+            f" — answer with: {self.answer_with} {question.id} '<json>'"
+            if self.answer_with
+            else f" (question {question.id})"
+        )
+        self.message(
+            f"  loop {question.loop_idx} step {question.step_name} asks: "
+            f"{summarize(question.question, 200)}{payload}{how}"
+        )
+
+    def waiting(self) -> int:
+        """Steps (so loops) waiting for an answer now, by the run's statistics."""
+        stats = self._statistics()
+        return sum(stats.steps_waiting.values()) if stats is not None else 0
+
     def close(self) -> None:
         if self.interactive:
             self._clear()
@@ -200,7 +223,8 @@ class LiveDisplay:
         parts = [
             f"{type(loop).__name__}",
             f"steps {self.steps_done}" + (f"/{total}" if total is not None else ""),
-            f"loops {len(self.finished)} done, {len(self.in_flight())} in flight",
+            f"loops {len(self.finished)} done, {len(self.in_flight())} in flight"
+            + (f", {waiting} waiting for an answer" if (waiting := self.waiting()) else ""),
             f"elapsed {_clock(elapsed)}",
         ]
         remaining = loop.timer.remain_time() if loop.timer.started else None

@@ -1,7 +1,9 @@
 """A Gantt chart of a session as a self-contained SVG: where the time went, at a glance.
 
 One row per loop, one bar per finished step, coloured by step; failed steps (skip errors)
-are hatched and outlined in red. The header says how the time split between the steps.
+are hatched and outlined in red, and the time a step waited for answers to its questions
+(``loop.ask``) is drawn in a colour of its own. The header says how the time split between
+the steps, and waiting.
 Long idle stretches (a run stopped and resumed the next day) are cut out of the time axis
 and marked, so the work stays readable. Rows shrink to a few pixels for hundreds of loops;
 hovering a bar shows its loop, step, duration and error. Written by hand: no plotting
@@ -21,6 +23,8 @@ from ._inspect import SessionReport
 # Paul Tol's "bright" scheme (colour-blind safe) without its red, which marks failures
 PALETTE = ("#4477AA", "#66CCEE", "#228833", "#CCBB44", "#AA3377", "#BBBBBB", "#225588", "#997700")
 FAIL = "#D62728"
+WAIT = "#EE7733"  # Paul Tol's "vibrant" orange: no step's colour
+WAITING = "waiting for an answer"
 FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 
 
@@ -33,6 +37,11 @@ class Bar:
     end: float
     error: str | None
     output: str
+    waits: tuple[tuple[float, float], ...] = ()  # waiting for answers, within start..end
+
+    @property
+    def waited(self) -> float:
+        return sum(e - s for s, e in self.waits)
 
 
 def format_seconds(seconds: float) -> str:
@@ -46,6 +55,10 @@ def format_seconds(seconds: float) -> str:
     if seconds < 86400:
         return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
     return f"{int(seconds // 86400)}d {int(seconds % 86400 // 3600):02d}h"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def bars_of(report: SessionReport) -> tuple[list[Bar], datetime | None]:
@@ -67,9 +80,22 @@ def bars_of(report: SessionReport) -> tuple[list[Bar], datetime | None]:
                     (s.ended_at - t0).total_seconds(),
                     s.error,
                     s.output,
+                    _waits(s.waits, t0, s.started_at, s.ended_at),
                 )
             )
     return bars, t0
+
+
+def _waits(
+    waits: tuple[tuple[datetime, datetime], ...], t0: datetime, start: datetime, end: datetime
+) -> tuple[tuple[float, float], ...]:
+    """A step's waits in seconds since ``t0``, clipped to the step (clocks may disagree)."""
+    found = []
+    for a, b in waits:
+        a, b = max(a, start), min(b, end)
+        if b > a:
+            found.append(((a - t0).total_seconds(), (b - t0).total_seconds()))
+    return tuple(found)
 
 
 class _Axis:
@@ -156,14 +182,17 @@ def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = 
     # the header: title, totals, and a legend that says where the time went
     per_step: dict[str, float] = defaultdict(float)
     for b in bars:
-        per_step[b.step_name] += b.end - b.start
-    busy = sum(per_step.values()) or 1.0
+        per_step[b.step_name] += b.end - b.start - b.waited
+    waited = sum(b.waited for b in bars)
+    busy = (sum(per_step.values()) + waited) or 1.0
     failed = sum(1 for b in bars if b.error)
     wall = max((b.end for b in bars), default=0.0)
     legend: list[tuple[str, str, str]] = [
         (colour[name], name, f"{per_step[name] / busy:.0%} · {format_seconds(per_step[name])}")
         for name in steps
     ]
+    if waited:
+        legend.append((WAIT, WAITING, f"{waited / busy:.0%} · {format_seconds(waited)}"))
     legend_rows: list[list[tuple[float, tuple[str, str, str]]]] = [[]]
     x = left
     for item in legend:
@@ -199,9 +228,12 @@ def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = 
     )
     started = t0.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t0 else "never"
     stats = (
-        f"{len(loops)} loops · {len(bars)} steps · {format_seconds(wall)} from first to last step"
+        f"{_plural(len(loops), 'loop')} · {_plural(len(bars), 'step')} · "
+        f"{format_seconds(wall)} from first to last step"
         f" (started {started}) · {format_seconds(busy)} of step time"
     )
+    if waited:
+        stats += f" · {format_seconds(waited)} of it waiting for answers"
     if axis.gaps:
         stats += f" · {len(axis.gaps)} idle gap{'s' if len(axis.gaps) > 1 else ''} cut out"
     add(f'<text x="{left}" y="44" fill="#444">{escape(stats)}</text>')
@@ -287,6 +319,8 @@ def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = 
         h = row_h - 2 * pad
         w = max(x1 - x0, 1.0)
         tip = f"loop {b.loop_idx} · {b.step_name} · {format_seconds(b.end - b.start)}"
+        if b.waited:
+            tip += f" ({format_seconds(b.waited)} {WAITING})"
         if b.error:
             tip += f"\nfailed: {b.error}"
         elif b.output:
@@ -296,6 +330,12 @@ def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = 
             f'<rect x="{x0:.2f}" y="{y:.2f}" width="{w:.2f}" height="{h:.2f}" '
             f'fill="{colour.get(b.step_name, "#888")}"/>'
         )
+        for ws, we in b.waits:
+            wx0, wx1 = axis.x(ws), axis.x(we)
+            add(
+                f'<rect class="wait" x="{wx0:.2f}" y="{y:.2f}" width="{max(wx1 - wx0, 1.0):.2f}" '
+                f'height="{h:.2f}" fill="{WAIT}"/>'
+            )
         if b.error:
             add(
                 f'<rect x="{x0:.2f}" y="{y:.2f}" width="{max(w, 3.0):.2f}" height="{h:.2f}" '

@@ -14,14 +14,21 @@ from typing import Any, TypeVar
 
 import click
 
-from .. import __version__, parse_duration
-from .._inspect import SessionError, import_loop_class, read_session
+from .. import Question, __version__, answer, parse_duration, pending_questions
+from .._inspect import (
+    SessionError,
+    SessionPaths,
+    import_loop_class,
+    read_meta,
+    read_session,
+    session_paths,
+)
 from .._session import qualified_name
 from .._timeline import render_svg
 from ._demo import import_demo, run_demo
 from ._driver import RunOptions, require_backend
 from ._messages import CliError, error_line, plural, prog, shown
-from ._render import render_table, write_png
+from ._render import render_questions, render_table, short_payload, write_png
 from ._start import construct, resume, start
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -210,7 +217,8 @@ def resume_command(
 @_class_option
 @_debug_option
 def inspect_command(session: Path, as_json: bool, loop_class: str | None) -> int:
-    """Show every loop x step of SESSION: status, duration, result, errors, corrupt snapshots."""
+    """Show every loop x step of SESSION: status, duration, result, errors, corrupt snapshots,
+    and the steps in progress: the questions they wait on, the calls they memoized."""
     try:
         report, _ = read_session(session, loop_class)
     except SessionError as exc:
@@ -246,7 +254,7 @@ def timeline(
         report, loop = read_session(session, loop_class)
     except SessionError as exc:
         raise CliError(str(exc)) from exc
-    if loop is None:
+    if loop is None and report.problem is not None:
         raise CliError(f"cannot chart {shown(session)}: {report.problem}")
     svg = render_svg(report, width=width, title=title)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +265,117 @@ def timeline(
     steps = sum(1 for row in report.loops for s in row.steps if s.started_at)
     click.echo(
         f"wrote {shown(output)}: {plural(len(report.loops), 'loop')}, {plural(steps, 'step')}"
+    )
+    return 0
+
+
+def _questions_folder(session: Path, loop_class: str | None) -> SessionPaths:
+    """Where SESSION's questions are; the loop's module imported, for their payloads."""
+    try:
+        paths = session_paths(session)
+    except SessionError as exc:
+        raise CliError(str(exc)) from exc
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # the loop class's module, like `python -m`
+    name = loop_class or read_meta(paths.trace_path).get("loop_class")
+    if name:
+        try:
+            import_loop_class(name)
+        except SessionError as exc:
+            if loop_class is not None:
+                raise CliError(str(exc)) from exc
+            # the meta file's class is gone: payloads of plain types still read
+    return paths
+
+
+def _open_questions(paths: SessionPaths) -> list[Question]:
+    """The open questions of the session; a payload that cannot be read is a clear error."""
+    try:
+        return pending_questions(paths.session_folder)
+    except Exception as exc:
+        raise CliError(
+            f"cannot read the questions of {shown(paths.trace_path)}: {error_line(exc)} "
+            "(run this where the loop's module is importable, or name its class with "
+            "--class MODULE:CLASS)"
+        ) from exc
+
+
+@cli.command("questions")
+@click.argument("session", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the questions as JSON, for scripts.")
+@_class_option
+@_debug_option
+def questions_command(session: Path, as_json: bool, loop_class: str | None) -> int:
+    """List the open questions of SESSION (a trace path or its __session__ folder): the
+    steps in progress that wait for an answer (loop.ask)."""
+    paths = _questions_folder(session, loop_class)
+    questions = _open_questions(paths)
+    if as_json:
+        click.echo(json.dumps([_question_json(q) for q in questions], indent=2))
+    else:
+        for line in render_questions(questions, paths.trace_path):
+            click.echo(line)
+    return 0
+
+
+def _question_json(question: Question) -> dict[str, Any]:
+    payload: Any
+    try:
+        payload = json.loads(json.dumps(question.payload, allow_nan=False))
+    except (TypeError, ValueError):
+        payload = None  # not JSON: its repr is in payload_repr
+    return {
+        "id": question.id,
+        "loop_idx": question.loop_idx,
+        "step_idx": question.step_idx,
+        "step_name": question.step_name,
+        "question": question.question,
+        "payload": payload,
+        "payload_repr": short_payload(question.payload),
+        "asked_at": question.asked_at.isoformat(),
+    }
+
+
+def _json_value(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{value!r} is not JSON ({exc}); a string needs JSON's quotes too: "
+            """'"yes"' (numbers, true, false, null, lists and objects as they are)""",
+            ctx,
+            param,
+        ) from None
+
+
+@cli.command("answer", context_settings={"ignore_unknown_options": True})
+@click.argument("session", type=click.Path(path_type=Path))
+@click.argument("question_id", metavar="ID")
+@click.argument("value", metavar="VALUE", callback=_json_value)
+@_class_option
+@_debug_option
+def answer_command(session: Path, question_id: str, value: Any, loop_class: str | None) -> int:
+    """Answer the open question ID of SESSION with VALUE, a JSON value: '"yes"', 3,
+    '{"edit": "a better idea"}', null.
+
+    A run of the session takes the answer within a second; if none is going, the run
+    that resumes the session does. List the open questions with `questions`.
+    """
+    paths = _questions_folder(session, loop_class)
+    asked = next((q for q in _open_questions(paths) if q.id == question_id), None)
+    try:
+        if asked is None:
+            raise KeyError(question_id)
+        answer(paths.session_folder, question_id, value)
+    except KeyError:
+        where = shown(paths.trace_path)
+        raise CliError(
+            f"no open question {question_id!r} in {where}: unknown, or answered already "
+            f"(list the open ones with: {prog()} questions {where})"
+        ) from None
+    click.echo(
+        f"answered {question_id} (loop {asked.loop_idx} step {asked.step_idx} "
+        f"{asked.step_name}: {asked.question!r}) with {json.dumps(value)}"
     )
     return 0
 
@@ -272,7 +391,6 @@ def upgrade(session: Path) -> int:
     it is; a file that cannot be converted is left as it is too, and named.
     """
     from .._errors import SessionBusyError
-    from .._inspect import session_paths
     from .._session._legacy import upgrade_session
 
     try:

@@ -1,8 +1,9 @@
 """Running a loop from the command line, and saying how it ended.
 
 The run goes under the chosen backend with the live display beside it; the first Ctrl-C
-(or SIGTERM) cancels it, which stops in-flight steps and keeps every saved one. The last
-lines say what happened and what to type next, and the exit status tells scripts.
+(or SIGTERM) cancels it, which stops in-flight steps and keeps every saved one. A question
+a step asks (``loop.ask``) is shown with the command that answers it from another shell.
+The last lines say what happened and what to type next, and the exit status tells scripts.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ import anyio
 import click
 from anyio.abc import TaskStatus
 
-from .. import LoopBase, RunSummary, SessionBusyError, StepResult, list_snapshots
+from .. import (
+    LoopBase,
+    Question,
+    RunSummary,
+    SessionBusyError,
+    StepResult,
+    list_snapshots,
+    pending_questions,
+)
 from .._budget import carry_budgets
 from .._inspect import META_FILE
 from .._live import LiveDisplay
@@ -80,9 +89,11 @@ async def _drive(loop: LoopBase, display: LiveDisplay, kwargs: dict[str, Any]) -
             run = loop.run(**kwargs)
             display.attach(run)
             async with run as results:
-                async for result in results:
-                    if isinstance(result, StepResult):
-                        display.result(result)
+                async for item in results:
+                    if isinstance(item, StepResult):
+                        display.result(item)
+                    elif isinstance(item, Question):
+                        display.question(item)
             ended.summary = results.summary
         except anyio.get_cancelled_exc_class():
             raise
@@ -137,6 +148,7 @@ def run_with_display(loop: LoopBase, options: RunOptions, *, debug: bool) -> int
         step_n=step_n,
         loop_n=loop_n,
         verbose=options.verbose,
+        answer_with=f"{prog()} answer {shown(loop.session_folder.parent)}",
     )
     level = logging.INFO if options.verbose else logging.WARNING
     engine_log = logging.getLogger("rdagent_loop")
@@ -198,6 +210,7 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
             f"({plural(saved, 'snapshot')})."
         )
         click.echo(f"resume with: {resume}")
+        _still_open(loop)
         return EXIT_STATUS.get(signum, 1)
     if ended.error is not None:
         if debug:
@@ -224,6 +237,7 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
     unfinished = loop.get_unfinished_loop_cnt(loop.loop_idx)
     if unfinished or summary.reason in ("step_n", "all_duration"):
         click.echo(f"resume with: {resume}")
+        _still_open(loop)
     else:
         click.echo(f"run more loops with: {resume} --loop-n 4")
     click.echo(
@@ -231,6 +245,21 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
         f"chart: {prog()} timeline {shown(trace)} -o timeline.svg"
     )
     return 0
+
+
+def _still_open(loop: LoopBase) -> None:
+    """Say which questions are still open: they are asked again when the run resumes, and
+    an answer given meanwhile is taken at once."""
+    try:
+        questions = pending_questions(loop.session_folder)
+    except Exception:  # a payload this process cannot read, say: only a hint is lost
+        return
+    if questions:
+        trace = shown(loop.session_folder.parent)
+        click.echo(
+            f"{plural(len(questions), 'question')} still open (answered now, the resume "
+            f"takes the answer at once): {prog()} questions {trace}"
+        )
 
 
 def _forget(trace: Path) -> None:

@@ -1,4 +1,5 @@
-"""What ``inspect`` and ``timeline`` draw: the loops x steps table, and the chart as a PNG.
+"""What ``inspect`` and ``timeline`` draw: the loops x steps table (with the steps in
+progress: what they memoized, what they ask), and the chart as a PNG.
 
 The SVG itself comes from :mod:`rdagent_loop._timeline`; a PNG is that SVG rendered by a
 headless Chromium, so no imaging library is needed.
@@ -7,16 +8,24 @@ headless Chromium, so no imaging library is needed.
 from __future__ import annotations
 
 import re
+import reprlib
 import shutil
 import subprocess
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import click
 
-from .._inspect import SessionReport
+from .._inspect import JournalRow, SessionReport, summarize
+from .._results import Question
 from .._timeline import format_seconds
-from ._messages import CliError, plural, shown
+from ._messages import CliError, plural, prog, shown
+
+_payload_repr = reprlib.Repr()
+_payload_repr.maxstring = 50
+_payload_repr.maxother = 50
 
 
 def _cell(status: str, seconds: float | None, corrupt: bool) -> tuple[str, str | None]:
@@ -32,6 +41,58 @@ def _cell(status: str, seconds: float | None, corrupt: bool) -> tuple[str, str |
     return text, colour
 
 
+def _journal_cell(journal: JournalRow, text: str, colour: str | None) -> tuple[str, str | None]:
+    """The cell of a step in progress that journaled something: it asks, it memoized."""
+    memos = f"{journal.memos} memo" if journal.memos else ""
+    if journal.questions:
+        return " ".join(filter(None, ("asks?", memos))), "yellow"
+    return " ".join(filter(None, (text, memos))), colour
+
+
+def journal_totals(report: SessionReport) -> str:
+    """``2 open questions · 5 memoized calls journaled``, or "" when the journal is empty."""
+    parts = []
+    if report.questions:
+        parts.append(plural(len(report.questions), "open question"))
+    if report.answers_waiting:
+        parts.append(f"{plural(report.answers_waiting, 'answer')} left for the run to take")
+    if report.memos_journaled:
+        parts.append(f"{plural(report.memos_journaled, 'memoized call')} journaled")
+    return " · ".join(parts)
+
+
+def asked_when(asked_at: datetime | None) -> str:
+    """``2025-01-01 12:00:01 (3m 05s ago)`` in local time."""
+    if asked_at is None:
+        return "?"
+    ago = format_seconds(max(0.0, (datetime.now(timezone.utc) - asked_at).total_seconds()))
+    return f"{asked_at.astimezone().strftime('%Y-%m-%d %H:%M:%S')} ({ago} ago)"
+
+
+def render_questions(questions: list[Question], trace: Path) -> list[str]:
+    """What ``questions`` prints: one line per open question, then how to answer."""
+    where = shown(trace)
+    if not questions:
+        return [f"no open questions in {where}: no step waits for an answer"]
+    lines = [f"{plural(len(questions), 'open question')} in {where}:"]
+    for q in questions:
+        about = f" about {short_payload(q.payload)}" if q.payload is not None else ""
+        lines.append(
+            f"  {q.id}  loop {q.loop_idx} step {q.step_idx} {q.step_name}  "
+            f"asked {asked_when(q.asked_at)}: {click.style(repr(q.question), bold=True)}{about}"
+        )
+    lines.append(
+        f"answer with: {prog()} answer {where} {questions[0].id} 'JSON' "
+        """(a JSON value: '"yes"', 3, '{"edit": "..."}', null)"""
+    )
+    return lines
+
+
+def short_payload(payload: Any) -> str:
+    """A question's payload as a short one-line repr."""
+    return summarize(_payload_repr.repr(payload), 60)
+
+
 def render_table(report: SessionReport, width: int) -> list[str]:
     """The loops x steps table of ``inspect``: plain text, styled when shown on a terminal."""
     lines: list[str] = []
@@ -44,6 +105,9 @@ def render_table(report: SessionReport, width: int) -> list[str]:
     )
     if report.corrupt:
         header += click.style(f" ({len(report.corrupt)} corrupt)", fg="magenta", bold=True)
+    totals = journal_totals(report)
+    if totals:
+        header += " · " + totals
     lines.append(header)
     if report.loaded_from:
         left = report.time_left
@@ -56,6 +120,10 @@ def render_table(report: SessionReport, width: int) -> list[str]:
         [_cell(s.status, s.duration, s.snapshot_problem is not None) for s in row.steps]
         for row in loops
     ]
+    for row, row_cells in zip(loops, cells, strict=True):
+        j = row.journal
+        if j is not None and j.step_idx < len(row_cells):
+            row_cells[j.step_idx] = _journal_cell(j, *row_cells[j.step_idx])
     widths = [
         max([len(name)] + [len(c[i][0]) for c in cells if i < len(c)])
         for i, name in enumerate(report.steps)
@@ -81,6 +149,19 @@ def render_table(report: SessionReport, width: int) -> list[str]:
             click.style(result, fg="red") if errors else result
         )
         lines.append(line)
+    questions = report.questions
+    if questions:
+        lines.append("")
+        lines.append(
+            click.style(f"open questions ({len(questions)}):", fg="yellow", bold=True)
+            + f" answer with: {prog()} answer {shown(report.trace_path)} ID 'JSON'"
+        )
+        for q in questions:
+            about = f" about {q.payload}" if q.payload else ""
+            lines.append(
+                f"  loop {q.loop_idx} {q.step_name or f'step {q.step_idx}'}: {q.id} asks "
+                f"{q.question!r}{about}, asked {asked_when(q.asked_at)}"
+            )
     if report.corrupt:
         lines.append("")
         lines.append(

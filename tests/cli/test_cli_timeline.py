@@ -1,14 +1,18 @@
-"""The timeline SVG: readable for hundreds of loops, failures marked, idle gaps cut out."""
+"""The timeline SVG: readable for hundreds of loops, failures marked, idle gaps cut out, the
+time steps waited for answers in a colour of its own."""
 
 from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
 from rdagent_loop._inspect import LoopRow, SessionReport, StepRow
-from rdagent_loop._timeline import format_seconds, render_svg
+from rdagent_loop._timeline import FAIL, PALETTE, WAIT, format_seconds, render_svg
 
 STEPS = ("propose", "coding", "running", "feedback", "record")
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -79,3 +83,42 @@ def test_a_long_idle_gap_is_cut_out_of_the_axis() -> None:
           for g in bars(svg) for r in g.iter(f"{SVG}rect")]  # fmt: skip
     assert max(xs) <= 1000  # the work after the gap is still on the page, not squeezed off
     assert format_seconds(8 * 3600 + 30) == "8h 00m"
+
+
+def test_the_time_a_step_waited_for_answers_has_its_own_colour() -> None:
+    """Loop 1's coding step (2 s) waited 1.5 s for an answer (``loop.ask``)."""
+    base = report(sequential(2, step=2.0))
+    rows = list(base.loops)
+    cells = list(rows[1].steps)
+    coding = cells[1]
+    assert coding.started_at is not None
+    wait = (
+        coding.started_at + timedelta(seconds=0.25),
+        coding.started_at + timedelta(seconds=1.75),
+    )
+    cells[1] = replace(coding, waits=(wait,))
+    rows[1] = replace(rows[1], steps=tuple(cells))
+    svg = render_svg(replace(base, loops=tuple(rows)), width=1200)
+
+    waits = [r for r in ET.fromstring(svg).iter(f"{SVG}rect") if r.get("class") == "wait"]
+    assert len(waits) == 1 and waits[0].get("fill") == WAIT
+    assert WAIT not in PALETTE and WAIT != FAIL
+    # drawn over its step's bar, 3/4 of its width
+    [bar] = [g for g in bars(svg) if "loop 1 · coding" in ET.tostring(g, encoding="unicode")]
+    step_rect, wait_rect = bar.findall(f"{SVG}rect")
+    assert wait_rect.get("class") == "wait"
+    assert float(wait_rect.get("x", 0)) > float(step_rect.get("x", 0))
+    assert float(wait_rect.get("width", 0)) == pytest.approx(
+        0.75 * float(step_rect.get("width", 0)), rel=0.01
+    )
+    title = bar.find(f"{SVG}title")
+    assert title is not None and "loop 1 · coding · 2.0s (1.5s waiting for an answer)" in (
+        title.text or ""
+    )
+    # named in the legend; the shares of steps and waiting add up to the whole
+    assert '>waiting for an answer</tspan> <tspan fill="#555">8% · 1.5s</tspan>' in svg
+    assert '>coding</tspan> <tspan fill="#555">12% · 2.5s</tspan>' in svg
+    assert "1.5s of it waiting for answers" in svg
+    # a session without waits: no such colour, no such legend
+    plain = render_svg(base)
+    assert 'class="wait"' not in plain and "waiting for an answer" not in plain
