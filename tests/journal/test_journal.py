@@ -307,7 +307,7 @@ async def test_ask_blocking_pauses_one_loop_on_every_executor(
     )
     loop = SyncAsk(tmp_path / "calls", settings=settings)
     order: list[str] = []
-    with anyio.fail_after(120):  # without the slot, thread or worker lent: never ends
+    with anyio.fail_after(60):  # without the slot, thread or worker lent: never ends
         await _answer_loop_0_after_loop_1(loop, order)
     assert order.index("asked 0") < order.index("done 1 record") < order.index("done 0 record")
     assert loop.loop_prev_out[0]["record"] == {"verdict": "good"}
