@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -50,6 +52,24 @@ async def serve(app: Any, backend: str, test: Callable[[str], Awaitable[None]]) 
             await test(f"http://127.0.0.1:{port}")
         finally:
             stop.set()
+
+
+@asynccontextmanager
+async def reading(
+    response: httpx.Response,
+) -> AsyncIterator[AsyncIterator[tuple[str, dict[str, Any]]]]:
+    """``events(response)`` for a test that may leave it early (a failed assertion, a
+    timeout): on the way out the response is closed and the reading goes on until it fails,
+    so that httpx's async generators end there instead of being left to the GC (whose
+    finalizer can hang the asyncio runner's shutdown)."""
+    stream = events(response)
+    try:
+        yield stream
+    finally:
+        await response.aclose()
+        with contextlib.suppress(httpx.StreamError, httpx.TransportError):
+            async for _ in stream:
+                pass
 
 
 async def events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -87,6 +88,15 @@ def test_the_hypercorn_command_serves_runs(server: str) -> None:
     assert kinds == ["start"] + ["step"] * 5 + ["summary"]
 
 
+def launch_chromium(pw: Any) -> Any:
+    return pw.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--headless", "--no-sandbox", "--disable-gpu",
+              "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", "--no-first-run"],
+    )  # fmt: skip
+
+
 @pytest.mark.browser
 def test_the_page_shows_steps_appear_then_the_summary(tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -95,12 +105,7 @@ def test_the_page_shows_steps_appear_then_the_summary(tmp_path: Path) -> None:
     proc, url = start_hypercorn(tmp_path, "trio")
     try:
         with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=CHROMIUM,
-                args=["--headless", "--no-sandbox", "--disable-gpu",
-                      "--disable-background-networking", "--disable-component-update",
-                      "--disable-sync", "--no-first-run"],
-            )  # fmt: skip
+            browser = launch_chromium(pw)
             try:
                 page = browser.new_page()
                 page.goto(url + "/")
@@ -130,3 +135,67 @@ def test_the_page_shows_steps_appear_then_the_summary(tmp_path: Path) -> None:
     finally:
         stop(proc)
     assert shutil.which("chromium") or Path(CHROMIUM).exists()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("worker_class", ["asyncio", "trio"])
+def test_a_question_is_answered_in_the_page(tmp_path: Path, worker_class: str) -> None:
+    """Loop 0 alone asks (``review`` 1000); other loops stream while it waits; the answer
+    typed in the page lets it go on, and its feedback says what was answered."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"needs Debian's chromium at {CHROMIUM}")
+    proc, url = start_hypercorn(tmp_path, worker_class)
+    others = "#rows tr:not(#loop-0) td.step.done"
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = launch_chromium(pw)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.select_option("#example", "quant_factor")
+                page.fill("#loops", "1000")
+                page.fill("#parallel", "2")
+                page.fill("#review", "1000")
+                page.click("#start")
+                question = page.locator("#question-list li.question")
+                question.wait_for(timeout=60_000)
+                assert question.count() == 1
+                assert question.get_attribute("data-loop") == "0"
+                assert "loop 0: keep the factor " in question.inner_text()
+                assert '"expression":' in page.inner_text("#question-list pre")
+                assert page.inner_text("#loop-0 td[data-step=feedback]") == "asks…"
+                # while it is open, other loops go on: more of their steps get done...
+                done = page.locator(others).count()
+                page.wait_for_function(
+                    "([selector, done]) => document.querySelectorAll(selector).length > done",
+                    arg=[others, done + 5],
+                    timeout=60_000,
+                )
+                # ...and loop 0 waits
+                assert question.count() == 1
+                assert page.locator("#loop-0 td[data-step=feedback].done").count() == 0
+                question.locator("input.answer").fill("no")
+                question.locator("button").click()
+                question.wait_for(state="detached", timeout=30_000)
+                assert page.locator("#questions").is_hidden()
+                feedback = page.locator("#loop-0 td[data-step=feedback].done")
+                feedback.wait_for(timeout=60_000)
+                said = feedback.get_attribute("title") or ""
+                assert said.startswith("reject: ") and said.endswith('(the reviewer said "no")')
+                page.locator("#loop-0 td[data-step=record].done").wait_for(timeout=60_000)
+                assert "new best" not in page.inner_text("#loop-0 td.result")
+                page.click("#stop")
+                assert page.inner_text("#status") == "stopped"
+                page.screenshot(path=str(tmp_path / "gateway-question.png"), full_page=True)
+            finally:
+                browser.close()
+        # the page left: the server stops the run
+        deadline = time.monotonic() + 60
+        while (runs := httpx.get(url + "/runs", timeout=5).json())["active"]:
+            assert time.monotonic() < deadline, runs
+            time.sleep(0.05)
+        ended = runs["ended"][-1]
+        assert (ended["ended"], ended["review"], ended["questions"]) == ("disconnected", 1000, 1)
+    finally:
+        stop(proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import anyio
 import httpx
 import psutil
 import pytest
-from gateway_helpers import events, serve
+from gateway_helpers import events, reading, serve
 
 from examples.gateway.app import create_app
 from examples.quant_factor import FactorLoop
@@ -115,6 +116,9 @@ async def test_a_failing_run_ends_with_a_failure_event(
             assert bad.text == "loops must be a whole number, got 'many'"
             bad = await client.get("/runs/stream", params={"example": "nope"})
             assert bad.status_code == 400 and "example must be one of ['broken']" in bad.text
+            bad = await client.get("/runs/stream", params={"review": "1"})
+            assert bad.status_code == 400
+            assert bad.text == "example 'broken' cannot ask a person; review works with []"
             query = {"loops": "1", "parallel": "1"}
             async with client.stream("GET", "/runs/stream", params=query) as response:
                 seen = [item async for item in events(response)]
@@ -129,3 +133,110 @@ async def test_a_failing_run_ends_with_a_failure_event(
             assert runs["ended"][-1]["ended"] == "failed"
 
     await serve(app, anyio_backend_name, test)
+
+
+async def test_a_question_pauses_its_loop_until_answered_over_http(
+    tmp_path: Path, anyio_backend_name: str
+) -> None:
+    """``review=1000``: loop 0 alone asks (in ``feedback``). While its question is open the
+    other loops keep streaming and loop 0 sends nothing; the answer POSTed lets it go on."""
+    app = create_app(tmp_path)
+
+    async def test(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            query = {"example": "quant_factor", "loops": "1000", "parallel": "2", "review": "1000"}
+            run_id = ""
+            question: dict[str, Any] = {}
+            while_open: list[dict[str, Any]] = []  # steps streamed while the question was open
+            answered = False
+            after: list[dict[str, Any]] = []  # loop 0's steps after the answer
+            async with (
+                client.stream("GET", "/runs/stream", params=query) as response,
+                reading(response) as stream,
+            ):
+                with anyio.fail_after(90), pytest.raises((httpx.StreamError, httpx.TransportError)):
+                    async for kind, data in stream:
+                        if kind == "start":
+                            run_id = data["run_id"]
+                            assert data["review"] == 1000
+                        elif kind == "question":
+                            assert not question, f"a second question: {data}"
+                            question = data
+                        elif kind != "step":
+                            raise AssertionError(f"unexpected {kind} event: {data}")
+                        elif not question:
+                            assert data["loop_idx"] != 0 or data["step_name"] != "feedback"
+                        elif not answered and data["loop_idx"] != 0:
+                            while_open.append(data)
+                            if len(while_open) == 5:  # a whole loop's worth: now answer
+                                await check_and_answer(client, run_id, question)
+                                answered = True
+                        elif not answered:
+                            raise AssertionError(f"loop 0 went on before the answer: {data}")
+                        elif data["loop_idx"] == 0:
+                            after.append(data)
+                            if data["step_name"] == "record":
+                                await response.aclose()  # hang up: the run stops
+            assert question["loop_idx"] == 0 and question["step_name"] == "feedback"
+            assert question["question"].startswith("loop 0: keep the factor ")
+            payload = question["payload"]  # the step's dataclasses, as JSON objects
+            assert sorted(payload) == ["backtest", "factor", "machine"]
+            assert payload["factor"]["expression"] in question["question"]
+            assert isinstance(payload["backtest"]["ic"], float)
+            assert json.loads(question["payload_text"]) == payload
+            assert all(d["loop_idx"] != 0 for d in while_open)
+            feedback, record = after
+            assert feedback["step_name"] == "feedback" and record["step_name"] == "record"
+            # the answer reached the step: false rejects, whatever the machine thought
+            assert feedback["output"].startswith("reject: ")
+            assert feedback["output"].endswith("(the reviewer said false)")
+            assert "new best" not in record["output"]
+            runs = await wait_until_idle(client)
+            ended = runs["ended"][-1]
+            assert (ended["ended"], ended["questions"], ended["review"]) == (
+                "disconnected",
+                1,
+                1000,
+            )
+            answer = await client.post(f"/runs/{run_id}/questions/{question['id']}", json=True)
+            assert answer.status_code == 404
+            assert answer.json()["error"] == f"no run {run_id!r} in progress"
+
+    await serve(app, anyio_backend_name, test)
+
+
+async def check_and_answer(
+    client: httpx.AsyncClient, run_id: str, question: dict[str, Any]
+) -> None:
+    """The question is open: it is listed, bad ids and bodies are refused, then answered."""
+    qid = question["id"]
+    listed = (await client.get(f"/runs/{run_id}/questions")).json()["questions"]
+    assert [q["id"] for q in listed] == [qid]
+    assert listed[0]["question"] == question["question"]
+    url = f"/runs/{run_id}/questions/"
+    bad = await client.post(url + "nope", json="yes")
+    assert bad.status_code == 404
+    assert bad.json() == {
+        "error": f"run {run_id!r} has no open question 'nope' (unknown, or answered already)",
+        "question_id": "nope",
+    }
+    bad = await client.post(f"/runs/no-such-run/questions/{qid}", json="yes")
+    assert bad.status_code == 404
+    assert bad.json()["error"] == "no run 'no-such-run' in progress"
+    headers = {"content-type": "application/json"}
+    bad = await client.post(url + qid, content=b"{yes", headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"].startswith("the answer is not valid JSON")
+    bad = await client.post(url + qid, content=b"NaN", headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"] == "NaN is not JSON"
+    bad = await client.post(url + qid, content=b" ", headers={"content-type": "text/plain"})
+    assert bad.status_code == 400 and bad.json()["error"] == "the answer is empty"
+    bad = await client.post(url + qid, content=b"\xff", headers={"content-type": "text/plain"})
+    assert bad.status_code == 400 and bad.json()["error"] == "the answer must be UTF-8 text"
+    bad = await client.post(url + qid, json="yes", headers={"origin": "https://example.com"})
+    assert bad.status_code == 403
+    assert bad.json()["error"] == "answers are not taken from pages of https://example.com"
+    # still open after all that; a JSON false rejects the factor
+    ok = await client.post(url + qid, content=b"false", headers=headers)
+    assert ok.status_code == 200 and ok.json() == {"answered": qid, "run_id": run_id}
+    again = await client.post(url + qid, json=True)
+    assert again.status_code == 404 and repr(qid) in again.json()["error"]
