@@ -257,8 +257,11 @@ class Run:
         )
 
     def step_parked(self, name: str, change: int) -> None:
-        """A step started (+1) or stopped (-1) waiting for an answer."""
+        """A step started (+1) or stopped (-1) waiting for an answer: it counts as waiting,
+        not running, as it holds no step-limit slot meanwhile."""
         self.waiting[name] += change
+        self.running[name] -= change
+        self.peak_running[name] = max(self.peak_running[name], self.running[name])
 
     async def deliver_question(self, question: Question) -> None:
         """Hand a journaled question to the consumer, in the result stream."""

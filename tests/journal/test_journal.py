@@ -283,6 +283,7 @@ async def test_a_waiting_loop_lends_its_slot_to_a_sibling(
                     if (item.loop_idx, item.step_name) == (1, "review"):
                         assert pending is not None
                         results.answer(pending.id, "reviewed")
+    assert results._run.statistics().peak_steps_running["review"] == 1  # the limit held
     assert order.index("asked 0 review") < order.index("done 1 review")
     assert order.index("done 1 review") < order.index("done 0 review")
     assert loop.loop_prev_out[0]["record"] == ("ok 0", "reviewed")
