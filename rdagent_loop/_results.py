@@ -83,7 +83,8 @@ class RunSummary:
     def __str__(self) -> str:
         steps = f"{self.steps} step{'' if self.steps == 1 else 's'}"
         loops = f"{self.loops} loop{'' if self.loops == 1 else 's'}"
-        replayed = f", {self.replayed} memoized calls replayed" if self.replayed else ""
+        calls = "call" if self.replayed == 1 else "calls"
+        replayed = f", {self.replayed} memoized {calls} replayed" if self.replayed else ""
         return f"{steps}, {loops} completed; stopped by {self.reason}{replayed}"
 
 
