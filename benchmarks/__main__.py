@@ -1,8 +1,9 @@
 """``python -m benchmarks [NAME ...]``: every benchmark in one table (docs/benchmarks.md).
 
 Each ``benchmarks/bench_<name>.py`` has ``run() -> list[tuple[str, str, str]]`` (what, figure,
-bar). Names: engine, snapshots, executors, sessions (default: all that are present). A benchmark
-that is missing is noted; one that fails is reported in the table and makes the exit status 1.
+bar). Names: engine, snapshots, executors, sessions, journal (default: all that are present).
+A benchmark that is missing is noted; one that fails is reported in the table and makes the
+exit status 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import traceback
 
 from benchmarks.bench_engine import Row, format_table
 
-NAMES = ("engine", "snapshots", "executors", "sessions")
+NAMES = ("engine", "snapshots", "executors", "sessions", "journal")
 
 
 def _collect(name: str) -> tuple[list[Row], bool]:

@@ -14,7 +14,8 @@ one in the ways the loop engine cares about:
   which the loop treats as a *withdraw* error: roll back and ask again. Asked again, it
   proposes the same experiment within the rules, because every call is logged to
   ``llm_calls.jsonl`` beside the session (like a real model's call log, that log is not part
-  of the loop's state and survives a roll-back);
+  of the loop's state and survives a roll-back; each line names its ``call``: ``propose``,
+  ``critique`` or ``code``);
 * now and then the code it writes does not compile, or it picks hyper-parameters that make
   the training script crash (an unregularised linear fit on collinear columns): the loop's
   *skip* errors.
@@ -86,11 +87,14 @@ class FakeLLM:
         self.bug_rate = bug_rate
 
     def _attempt(self, loop_idx: int) -> int:
-        """How often this loop has asked already (a withdrawn loop asks again)."""
+        """How often this loop has asked for a proposal already (a withdrawn loop asks again)."""
         if not self.log_path.exists():
             return 0
         with self.log_path.open() as f:
-            return sum(1 for line in f if line.strip() and json.loads(line)["loop"] == loop_idx)
+            calls = [json.loads(line) for line in f if line.strip()]
+        return sum(
+            1 for c in calls if c["loop"] == loop_idx and c.get("call", "propose") == "propose"
+        )
 
     def _log(self, entry: dict[str, Any]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,10 +110,22 @@ class FakeLLM:
             config = {**config, "train_on": "train+valid"}
             why += ", using every labelled row"
         config["seed"] = loop_idx
-        self._log({"loop": loop_idx, "attempt": attempt, "config": config})
+        self._log({"call": "propose", "loop": loop_idx, "attempt": attempt, "config": config})
         return Proposal(config, why)
 
+    def critique(self, loop_idx: int, proposal: Proposal) -> Proposal:
+        """The model reviews its own proposal and states what the experiment will show (as
+        RD-Agent's proposal stage critiques and rewrites a hypothesis): same settings."""
+        self._log({"call": "critique", "loop": loop_idx})
+        model = proposal.config["model"]
+        if model == "mean":
+            check = "every later model must beat it"
+        else:
+            check = f"a {model} model should lower the validation rmse"
+        return Proposal(proposal.config, f"{proposal.hypothesis}; expected: {check}")
+
     def write_code(self, loop_idx: int, proposal: Proposal) -> CodeArtifact:
+        self._log({"call": "code", "loop": loop_idx})
         rng = random.Random(f"{self.seed}/code/{loop_idx}/{describe(proposal.config)}")
         code = render_script(proposal)
         if rng.random() < self.bug_rate:

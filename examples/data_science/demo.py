@@ -2,8 +2,9 @@
 
 The command line knows nothing of the example but this module's name; it asks it for the
 loop class, where the session goes, how many loops, the command's own options
-(:func:`options`, passed on to :func:`make_loop`) and the files a run leaves beside its
-session (:func:`left_by_a_run`, :func:`clear`).
+(:func:`options`, passed on to :func:`make_loop`), the files a run leaves beside its
+session (:func:`left_by_a_run`, :func:`clear`), and, around a resume (:func:`watch_runs`),
+the lines that say what the resume did not pay for again (:func:`resume_report`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any, TypeVar
 
 import click
 
-from rdagent_loop import LoopSettings
+from rdagent_loop import LoopRun, LoopSettings
 
 from .loop import DataScienceLoop
+from .loop import watch_runs as watch_runs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,9 +41,9 @@ def options(command: F) -> F:
     command = click.option(
         "--llm-latency",
         type=click.FloatRange(min=0),
-        default=0.5,
+        default=0.25,
         show_default=True,
-        help="Seconds the stand-in LLM thinks before it proposes an experiment.",
+        help="Seconds the stand-in LLM thinks before each answer (a proposal takes two).",
     )(command)
     return click.option(
         "--seed",
@@ -69,3 +71,24 @@ def clear(trace_path: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def resume_report(runs: list[LoopRun]) -> list[str]:
+    """What the resumed run replayed from the journal instead of paying for it again: every
+    call it memoizes is a model call (none if no run started)."""
+    lines = []
+    for run in runs:
+        try:
+            stats = run.statistics()
+        except RuntimeError:  # refused before it started
+            continue
+        n, made = stats.memo_replayed, stats.memo_recorded
+        lines.append(
+            f"the resume replayed {_calls(n)} from the journal instead of paying for "
+            f"{'it' if n == 1 else 'them'} again; {_calls(made, 'new ')} made"
+        )
+    return lines
+
+
+def _calls(n: int, what: str = "") -> str:
+    return f"{n} {what}model call" + ("" if n == 1 else "s")

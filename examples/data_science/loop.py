@@ -2,17 +2,23 @@
 
 Every loop is RD-Agent's cycle:
 
-* ``direct_exp_gen`` asks the "LLM" (:mod:`.coder`) for an experiment and checks it against
+* ``direct_exp_gen`` asks the "LLM" (:mod:`.coder`) for an experiment, then for a critique
+  of it (two model calls, as RD-Agent's proposal stage makes several), and checks it against
   the policy: a proposal that trains on the validation split is a :class:`PolicyError`,
   which *withdraws* the loop (the engine rolls back and asks again);
-* ``coding`` writes a real training script into the loop's workspace and checks that it
-  compiles (a :class:`CoderError` skips to ``record``);
+* ``coding`` has the "LLM" write a real training script into the loop's workspace and
+  checks that it compiles (a :class:`CoderError` skips to ``record``);
 * ``running`` runs the script as a child process (``anyio.run_process``: cancelling the step
   kills it) and reads its validation RMSE (a crash is a :class:`RunnerError`, skips to
   ``record``);
 * ``feedback`` compares the RMSE with the best so far;
 * ``record`` keeps the result in ``self.trace`` and ``self.best`` — the only step that
   changes ``self`` (it runs one loop at a time, and last, so always on the event loop).
+
+Every model call is memoized (``memo`` / ``memo_blocking``): a step run again before it
+completed (after Ctrl-C, a crash, the deadline) gets the answers it already paid for from the
+session's journal, and ``llm_calls.jsonl`` shows only the calls really made. After a resume
+the demo says how many calls the run replayed (:func:`watch_runs`).
 
 Run it with ``python -m rdagent_loop demo`` or ``rdagent-loop run
 examples.data_science.loop:DataScienceLoop --loop-n 8 --parallel 3``.
@@ -23,13 +29,17 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from rdagent_loop import LoopBase, LoopSettings
+from rdagent_loop import LoopBase, LoopRun, LoopSettings
 
 from .coder import CodeArtifact, FakeLLM, Proposal, describe
 from .dataset import write_dataset
@@ -87,6 +97,22 @@ class Record:
         return f"loop {self.loop_idx}: {describe(self.config)} rmse {self.rmse:.4f}{mark}"
 
 
+_watchers: ContextVar[list[LoopRun] | None] = ContextVar("data_science_runs", default=None)
+
+
+@contextmanager
+def watch_runs() -> Iterator[list[LoopRun]]:
+    """Collect the runs a :class:`DataScienceLoop` starts in this context (and the tasks and
+    event loops started from it): the demo command reads their statistics when they are
+    over, to say what a resume replayed from the journal."""
+    runs: list[LoopRun] = []
+    token = _watchers.set(runs)
+    try:
+        yield runs
+    finally:
+        _watchers.reset(token)
+
+
 class DataScienceLoop(LoopBase):
     """direct_exp_gen → coding → running → feedback → record."""
 
@@ -133,13 +159,33 @@ class DataScienceLoop(LoopBase):
             self.trace_folder / "llm_calls.jsonl", self.seed, self.bad_proposal_rate, self.bug_rate
         )
 
+    def run(
+        self,
+        step_n: int | None = None,
+        loop_n: int | None = None,
+        all_duration: str | float | timedelta | None = None,
+    ) -> LoopRun:
+        """``LoopBase.run``; the handle also goes to the :func:`watch_runs` block around it."""
+        handle = super().run(step_n=step_n, loop_n=loop_n, all_duration=all_duration)
+        watchers = _watchers.get()
+        if watchers is not None:
+            watchers.append(handle)
+        return handle
+
+    async def _think(self, call: Callable[..., Any], *args: Any) -> Any:
+        """A model call: the model thinks for ``llm_latency`` seconds, then answers."""
+        await anyio.sleep(self.llm_latency)
+        return call(*args)
+
     # -- the steps ------------------------------------------------------------------------
 
     async def direct_exp_gen(self, prev_out: dict[str, Any]) -> Proposal:
         """Propose the next experiment; a proposal against the rules withdraws the loop."""
         li = prev_out[self.LOOP_IDX_KEY]
-        await anyio.sleep(self.llm_latency)  # the model thinks
-        proposal = self._llm().propose(li)
+        llm = self._llm()
+        # memoized: stopped during the critique, the step run again pays only for that
+        proposal = await self.memo("propose", self._think, llm.propose, li)
+        proposal = await self.memo("critique", self._think, llm.critique, li, proposal)
         if proposal.config.get("train_on", "train") != "train":
             raise PolicyError(
                 f"loop {li}: the proposal trains on {proposal.config['train_on']!r}; "
@@ -151,7 +197,7 @@ class DataScienceLoop(LoopBase):
         """Write the training script into the loop's workspace; it must compile."""
         li = prev_out[self.LOOP_IDX_KEY]
         proposal: Proposal = prev_out["direct_exp_gen"]
-        artifact = self._llm().write_code(li, proposal)
+        artifact: CodeArtifact = self.memo_blocking("code", self._llm().write_code, li, proposal)
         script = artifact.materialize(self._workspace(li))
         try:
             compile(script.read_text(), str(script), "exec")

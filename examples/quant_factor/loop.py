@@ -3,23 +3,35 @@
 Every loop:
 
 * ``propose`` asks the "LLM" for a factor expression with a hypothesis — a known family
-  with fresh windows, a variation of the best factor, or a blend of the best with another;
-* ``coding`` turns it into a factor implementation in the loop's workspace and checks it
-  (an unknown function or a bad window is a :class:`FactorCodeError`, skipping to feedback);
+  with fresh windows, a variation of the best factor, or a blend of the best with another.
+  With ``ask_person=True`` (``python -m examples.quant_factor --ask``) a person then approves
+  the factor, edits its expression, or rejects it (:class:`FactorRejectedError`, skipping to
+  feedback; see :func:`read_review` for the answers understood);
+* ``coding`` has the "LLM" write the factor's implementation into the loop's workspace and
+  checks it (an unknown function or a bad window is a :class:`FactorCodeError`, skipping to
+  feedback);
 * ``running`` computes the factor on the whole panel and back-tests it: daily rank IC and a
   long-short quintile portfolio (a factor with no values is a :class:`FactorEmptyError`);
 * ``feedback`` compares its IC with the best factor so far;
 * ``record`` adds it to the factor library and keeps the best (the one step changing ``self``).
 
+Every model call is memoized (``memo`` / ``memo_blocking``): a step run again before it
+completed (a crash, Ctrl-C, the deadline, a question still open when the run stopped) gets
+the journaled answer instead of paying for the call twice. The "LLM" logs each call it
+really makes to ``llm_calls.jsonl`` beside the session (:func:`model_calls` reads it).
+
 It runs under asyncio and trio alike::
 
     rdagent-loop run examples.quant_factor:FactorLoop --loop-n 10 --parallel 2 --backend trio
+    python -m examples.quant_factor --ask --loop-n 5     # a person approves every factor
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +47,18 @@ from .market import generate
 
 class FactorCodeError(Exception):
     """The factor could not be implemented: the expression is not valid."""
+
+
+class FactorRejectedError(Exception):
+    """A person rejected the proposed factor: the loop skips to feedback, and ``record``
+    keeps the rejection in the library (so the "LLM" does not propose it again)."""
+
+    def __init__(self, proposal: FactorProposal) -> None:
+        super().__init__(f"a person rejected {proposal.expression}")
+        self.proposal = proposal
+
+    def __reduce__(self) -> tuple[Any, ...]:  # it travels in snapshots
+        return (type(self), (self.proposal,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +88,11 @@ class FactorRecord:
     result: BacktestResult | None
     error: str | None
     new_best: bool
+    rejected: bool = False  # by the person asked to approve it
 
     def __str__(self) -> str:
+        if self.rejected:
+            return f"loop {self.loop_idx}: {self.expression} rejected"
         if self.result is None:
             return f"loop {self.loop_idx}: {self.expression} failed ({self.error})"
         mark = " * new best" if self.new_best else ""
@@ -87,13 +114,40 @@ _MISTAKES = ("ts_skew(ret, 20)", "-ts_mean(ret, 400)", "log(-close)")
 
 
 class FactorLLM:
-    """A seeded stand-in for the model that proposes factors."""
+    """A seeded stand-in for the model that proposes factors and writes their code.
 
-    def __init__(self, seed: int, mistake_rate: float) -> None:
+    Each call it answers is appended to ``log_path`` (when given), like a real model's call
+    log: one JSON line ``{"call": ..., "loop": ...}``, outside the loop's state.
+    """
+
+    def __init__(self, seed: int, mistake_rate: float, log_path: Path | None = None) -> None:
         self.seed = seed
         self.mistake_rate = mistake_rate
+        self.log_path = log_path
+
+    def _log(self, call: str, loop_idx: int, **details: Any) -> None:
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as f:
+            f.write(json.dumps({"call": call, "loop": loop_idx, **details}) + "\n")
 
     def propose(self, loop_idx: int, best: FactorRecord | None, tried: set[str]) -> FactorProposal:
+        proposal = self._propose(loop_idx, best, tried)
+        self._log("propose", loop_idx, expression=proposal.expression)
+        return proposal
+
+    def implement(self, loop_idx: int, proposal: FactorProposal) -> str:
+        """The factor's implementation: a module computing it with the expression language."""
+        self._log("implement", loop_idx, expression=proposal.expression)
+        return (
+            f'"""{proposal.name}: {proposal.hypothesis}."""\n'
+            "from examples.quant_factor.expr import evaluate\n\n"
+            f"EXPRESSION = {proposal.expression!r}\n\n\n"
+            "def compute(market):\n    return evaluate(EXPRESSION, market)\n"
+        )
+
+    def _propose(self, loop_idx: int, best: FactorRecord | None, tried: set[str]) -> FactorProposal:
         rng = random.Random(f"{self.seed}/{loop_idx}")
         if rng.random() < self.mistake_rate:
             expression = rng.choice(_MISTAKES)
@@ -126,10 +180,68 @@ def _nudge_windows(rng: random.Random, expression: str) -> str:
     return re.sub(r"(?<=, )\d+(?=\))", nudge, expression)
 
 
+def model_calls(trace_path: str | Path) -> list[dict[str, Any]]:
+    """The calls the "LLM" really made in the session at ``trace_path``, oldest first."""
+    log = Path(trace_path) / "llm_calls.jsonl"
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+# what a person may answer when asked to approve a factor (case and spaces do not matter)
+APPROVALS = ("yes", "y", "ok", "approve", "true")
+REJECTIONS = ("no", "n", "reject", "false")
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """What a person's answer means: ``approve``, ``reject`` or ``edit`` (``expression``)."""
+
+    verdict: str
+    expression: str | None = None
+
+
+def read_review(answer: Any) -> Review:
+    """The meaning of an answer to "try this factor?".
+
+    ``True`` or ``"yes"`` (``y``, ``ok``, ``approve``) approve it; ``False``, ``None`` or
+    ``"no"`` (``n``, ``reject``) reject it; any other string, or ``{"edit": "..."}``, is an
+    edited expression that replaces the proposed one. A ``ValueError`` says why an answer
+    means nothing (an edit that is not a valid factor, a number...).
+    """
+    if isinstance(answer, dict) and set(answer) == {"edit"}:
+        answer = answer["edit"]
+        if isinstance(answer, bool) or not isinstance(answer, str):
+            raise ValueError(f"an edit must be a factor expression, got {answer!r}")
+        if not answer.strip():
+            raise ValueError("the edited expression is empty")
+    if answer is True:
+        return Review("approve")
+    if answer is False or answer is None:
+        return Review("reject")
+    if isinstance(answer, str):
+        word = answer.strip().lower()
+        if word in APPROVALS:
+            return Review("approve")
+        if word in REJECTIONS:
+            return Review("reject")
+        if not word:
+            raise ValueError("the answer is empty")
+        try:
+            parse(answer)
+        except FactorSyntaxError as exc:
+            raise ValueError(f"the edit is not a valid factor: {exc}") from None
+        return Review("edit", answer.strip())
+    raise ValueError(
+        f"answer yes, no or an edited factor expression (a JSON string), got {answer!r}"
+    )
+
+
 class FactorLoop(LoopBase):
     """propose → coding → running → feedback → record, mining factors."""
 
-    skip_loop_error = (FactorCodeError, FactorEmptyError)  # skip to feedback (the default)
+    # skip to feedback (the default)
+    skip_loop_error = (FactorCodeError, FactorEmptyError, FactorRejectedError)
 
     def __init__(
         self,
@@ -140,6 +252,7 @@ class FactorLoop(LoopBase):
         days: int = 300,
         mistake_rate: float = 0.1,
         llm_latency: float = 0.02,
+        ask_person: bool = False,
     ) -> None:
         super().__init__(settings)
         self.seed = seed
@@ -147,33 +260,80 @@ class FactorLoop(LoopBase):
         self.days = days
         self.mistake_rate = mistake_rate
         self.llm_latency = llm_latency
+        self.ask_person = ask_person  # every proposal waits for a person's approval
         self.library: list[FactorRecord] = []
         self.best: FactorRecord | None = None
 
+    # paths follow the session when it is loaded from, or checked out to, another folder
+    @property
+    def trace_folder(self) -> Path:
+        return Path(self.settings.trace_path).absolute()
+
     def _workspace(self, loop_idx: int) -> Path:
-        return Path(self.settings.trace_path).absolute() / "workspace" / f"loop_{loop_idx}"
+        return self.trace_folder / "workspace" / f"loop_{loop_idx}"
+
+    def _llm(self) -> FactorLLM:
+        return FactorLLM(self.seed, self.mistake_rate, self.trace_folder / "llm_calls.jsonl")
+
+    async def _think(self, call: Callable[..., Any], *args: Any) -> Any:
+        """A model call: it takes ``llm_latency`` seconds, then answers."""
+        await anyio.sleep(self.llm_latency)
+        return call(*args)
 
     async def propose(self, prev_out: dict[str, Any]) -> FactorProposal:
-        await anyio.sleep(self.llm_latency)
+        li = prev_out[self.LOOP_IDX_KEY]
         tried = {r.expression for r in self.library}
-        llm = FactorLLM(self.seed, self.mistake_rate)
-        return llm.propose(prev_out[self.LOOP_IDX_KEY], self.best, tried)
+        # the key names the call, not its arguments: run again (the best factor may have
+        # changed meanwhile), the step gets the answer it already paid for
+        proposal: FactorProposal = await self.memo(
+            "propose", self._think, self._llm().propose, li, self.best, tried
+        )
+        if not self.ask_person:
+            return proposal
+        return await self._review(li, proposal)
+
+    async def _review(self, li: int, proposal: FactorProposal) -> FactorProposal:
+        """Ask a person to approve, edit or reject ``proposal``; ask again until the answer
+        means something (each question and answer is journaled: a re-run is not asked
+        again what was answered)."""
+        payload = {
+            "name": proposal.name,
+            "expression": proposal.expression,
+            "hypothesis": proposal.hypothesis,
+        }
+        question = (
+            f"loop {li}: try the factor {proposal.expression}? yes, no, or an edited expression"
+        )
+        while True:
+            answer = await self.ask(question, payload=payload)
+            try:
+                review = read_review(answer)
+            except ValueError as exc:
+                question = f"{exc}. Loop {li}: try {proposal.expression}? yes, no, or an edit"
+                continue
+            if review.verdict == "reject":
+                raise FactorRejectedError(proposal)
+            if review.verdict == "approve" or review.expression == proposal.expression:
+                return proposal
+            assert review.expression is not None
+            return FactorProposal(
+                f"{proposal.name} (edited)",
+                review.expression,
+                f"{proposal.hypothesis}; edited by a person, was {proposal.expression}",
+            )
 
     def coding(self, prev_out: dict[str, Any]) -> str:
-        """Write the factor's implementation; return its (checked) expression."""
+        """Have the factor implemented; check it; return its (checked) expression."""
+        li = prev_out[self.LOOP_IDX_KEY]
         proposal: FactorProposal = prev_out["propose"]
+        code = self.memo_blocking("implement", self._llm().implement, li, proposal)
         try:
             parse(proposal.expression)
         except FactorSyntaxError as exc:
             raise FactorCodeError(str(exc)) from None
-        workspace = self._workspace(prev_out[self.LOOP_IDX_KEY])
+        workspace = self._workspace(li)
         workspace.mkdir(parents=True, exist_ok=True)
-        (workspace / "factor.py").write_text(
-            f'"""{proposal.name}: {proposal.hypothesis}."""\n'
-            "from examples.quant_factor.expr import evaluate\n\n"
-            f"EXPRESSION = {proposal.expression!r}\n\n\n"
-            "def compute(market):\n    return evaluate(EXPRESSION, market)\n"
-        )
+        (workspace / "factor.py").write_text(code)
         return proposal.expression
 
     @step(executor="thread")  # CPU-bound, and it changes nothing in self
@@ -195,8 +355,9 @@ class FactorLoop(LoopBase):
         return FactorFeedback(False, f"IC {result.ic:+.4f} does not beat {best.result.ic:+.4f}")
 
     def record(self, prev_out: dict[str, Any]) -> FactorRecord:
-        proposal: FactorProposal = prev_out["propose"]
         error = prev_out.get(self.EXCEPTION_KEY)
+        rejected = isinstance(error, FactorRejectedError)
+        proposal: FactorProposal = error.proposal if rejected else prev_out["propose"]
         result: BacktestResult | None = None if error is not None else prev_out.get("running")
         best = self.best
         new_best = (
@@ -219,6 +380,7 @@ class FactorLoop(LoopBase):
             result,
             None if error is None else f"{type(error).__name__}: {error}",
             new_best,
+            rejected,
         )
         self.library.append(record)
         if new_best:

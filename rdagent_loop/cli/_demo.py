@@ -2,6 +2,8 @@
 
 The example lives in the repository beside the package, not in it; its
 ``examples/data_science/demo.py`` says what the demo runs, with which defaults and options.
+After a resume, the last lines say how many model calls the run replayed from the session's
+journal instead of paying for them again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import click
 
 from .. import LoopBase, LoopSettings
 from .._inspect import META_FILE
@@ -49,7 +53,11 @@ def run_demo(
     """Start the demo in ``trace_path`` (or resume it from ``resume_path``); the exit status."""
     loop_class = qualified_name(demo.LOOP_CLASS)
     if resume_path is not None:
-        return resume(resume_path, None, loop_class, options, debug=debug)
+        with demo.watch_runs() as runs:
+            status = resume(resume_path, None, loop_class, options, debug=debug)
+        for line in demo.resume_report(runs):
+            click.echo(line)
+        return status
     if options.loop_n is None and options.step_n is None and options.timeout is None:
         options = replace(options, loop_n=demo.LOOP_N)
     if options.parallel is None:
