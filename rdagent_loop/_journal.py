@@ -606,6 +606,28 @@ class Port(Protocol):
     def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any: ...
 
 
+class RequestPort:
+    """A port whose every call is one request to the engine (``_call``: send it, wait for
+    ``(True, result)`` or ``(False, exception)``): a worker process's pipe, a Ray mailbox.
+    The engine answers with :func:`serve`."""
+
+    def _call(self, *request: Any) -> Any:
+        raise NotImplementedError
+
+    def lookup(self, key: str) -> tuple[bool, Any]:
+        found, value = self._call("lookup", key)
+        return found, value
+
+    def prepare(self) -> None:
+        """Nothing: the engine waits for the snapshot when the result is recorded."""
+
+    def record(self, key: str, data: bytes) -> None:
+        self._call("record", key, data)
+
+    def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
+        return self._call("ask", text, payload, timeout, default)
+
+
 remote_port: Port | None = None
 """Set in a worker process (process pool, Ray) while it runs a step: its channel."""
 

@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 
 from .._compat import add_note
-from .._journal import StepJournal, current_step, serve
+from .._journal import RequestPort, StepJournal, current_step, serve
 from .._settings import LoopSettings, StepResources
 from ._base import StepCall
 from ._wire import RemoteTraceback
@@ -69,7 +69,7 @@ def _run_shipped_step(payload: bytes, mailbox: Any, token: int) -> Any:
         _journal.remote_port = None
 
 
-class _MailboxPort:
+class _MailboxPort(RequestPort):
     """The step journal, as a step in a Ray task reaches it."""
 
     def __init__(self, mailbox: Any, token: int) -> None:
@@ -83,19 +83,6 @@ class _MailboxPort:
         if not ok:
             raise value
         return value
-
-    def lookup(self, key: str) -> tuple[bool, Any]:
-        found, value = self._call("lookup", key)
-        return found, value
-
-    def prepare(self) -> None:
-        """Nothing: the engine waits for the snapshot when the result is recorded."""
-
-    def record(self, key: str, data: bytes) -> None:
-        self._call("record", key, data)
-
-    def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
-        return self._call("ask", text, payload, timeout, default)
 
 
 class _Mailbox:

@@ -26,6 +26,7 @@ import traceback
 from typing import Any
 
 from .._errors import RemoteStepError
+from .._journal import RequestPort
 
 HEADER = struct.Struct("!Q")
 OK, ERROR, ERROR_TEXT = "ok", "error", "error-text"
@@ -177,7 +178,7 @@ def encode_error(exc: BaseException, tb: str) -> bytes:
         return pickle.dumps((ERROR_TEXT, name, str(exc), tb), protocol=PROTOCOL)
 
 
-class PipePort:
+class PipePort(RequestPort):
     """The step journal, as a step in a worker process reaches it: through the engine."""
 
     def __init__(self, from_parent: int, to_parent: int) -> None:
@@ -193,19 +194,6 @@ class PipePort:
         if not ok:
             raise value
         return value
-
-    def lookup(self, key: str) -> tuple[bool, Any]:
-        found, value = self._call("lookup", key)
-        return found, value
-
-    def prepare(self) -> None:
-        """Nothing: the engine waits for the snapshot when the result is recorded."""
-
-    def record(self, key: str, data: bytes) -> None:
-        self._call("record", key, data)
-
-    def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
-        return self._call("ask", text, payload, timeout, default)
 
 
 # -- the parent's side (non-blocking) -----------------------------------------------------

@@ -47,6 +47,13 @@ def journal_files(settings: LoopSettings) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+def asks_once(tmp_path: Path, settings: LoopSettings) -> Approval:
+    """An ``Approval`` loop whose only question is ``propose``'s."""
+    loop = Approval(tmp_path / "calls", settings=settings)
+    loop.review_asks = False
+    return loop
+
+
 async def collect(run: Any, answer: Any = None) -> list[Any]:
     """Every item of ``run``; questions answered with ``answer(question)`` when given."""
     items = []
@@ -205,8 +212,7 @@ async def test_bad_input_is_a_clear_error_and_journals_nothing(
 async def test_answering_an_unknown_or_answered_question_is_a_key_error(
     tmp_path: Path, settings: LoopSettings
 ) -> None:
-    loop = Approval(tmp_path / "calls", settings=settings)
-    loop.review_asks = False
+    loop = asks_once(tmp_path, settings)
     run = loop.run(loop_n=1)
     async with run as results:
         async for item in results:
@@ -229,8 +235,7 @@ async def test_answering_an_unknown_or_answered_question_is_a_key_error(
 async def test_a_question_is_on_disk_before_the_consumer_sees_it(
     tmp_path: Path, settings: LoopSettings
 ) -> None:
-    loop = Approval(tmp_path / "calls", settings=settings)
-    loop.review_asks = False
+    loop = asks_once(tmp_path, settings)
     seen: list[Question] = []
 
     def approve(question: Question) -> Any:
@@ -336,8 +341,7 @@ async def _answer_loop_0_after_loop_1(loop: SyncAsk, order: list[str]) -> None:
 async def test_an_answer_from_another_process_is_taken(
     tmp_path: Path, settings: LoopSettings
 ) -> None:
-    loop = Approval(tmp_path / "calls", settings=settings)
-    loop.review_asks = False
+    loop = asks_once(tmp_path, settings)
     async with loop.run(loop_n=1) as results:
         async for item in results:
             if isinstance(item, Question):
@@ -358,8 +362,7 @@ async def test_an_answer_from_another_process_is_taken(
 async def test_a_question_open_when_the_run_stops_is_open_again_with_the_same_id(
     tmp_path: Path, settings: LoopSettings
 ) -> None:
-    loop = Approval(tmp_path / "calls", settings=settings)
-    loop.review_asks = False
+    loop = asks_once(tmp_path, settings)
     async with loop.run(loop_n=1) as results:
         async for item in results:
             assert isinstance(item, Question)
@@ -369,8 +372,7 @@ async def test_a_question_open_when_the_run_stops_is_open_again_with_the_same_id
     with pytest.raises(FileNotFoundError, match="the journal of the first loop's first step"):
         Approval.load(settings.trace_path)  # nothing was saved: started again, it goes on
 
-    resumed = Approval(tmp_path / "calls", settings=settings)
-    resumed.review_asks = False
+    resumed = asks_once(tmp_path, settings)
     items = await collect(resumed.run(loop_n=1), lambda q: f"answered {q.id}")
     questions = [i for i in items if isinstance(i, Question)]
     assert questions == [first]  # the same question, the same id, asked once more
@@ -382,8 +384,7 @@ async def test_a_question_open_when_the_run_stops_is_open_again_with_the_same_id
 async def test_an_answer_left_while_no_run_goes_is_taken_without_asking_again(
     tmp_path: Path, settings: LoopSettings
 ) -> None:
-    loop = Approval(tmp_path / "calls", settings=settings)
-    loop.review_asks = False
+    loop = asks_once(tmp_path, settings)
     async with loop.run(loop_n=1) as results:
         async for _ in results:
             break
@@ -393,8 +394,7 @@ async def test_an_answer_left_while_no_run_goes_is_taken_without_asking_again(
     with pytest.raises(KeyError, match=repr(question.id)):
         rdagent_loop.answer(settings.trace_path, question.id, "again")
 
-    resumed = Approval(tmp_path / "calls", settings=settings)
-    resumed.review_asks = False
+    resumed = asks_once(tmp_path, settings)
     items = await collect(resumed.run(loop_n=1))
     assert not any(isinstance(i, Question) for i in items)
     assert resumed.loop_prev_out[0]["propose"] == "approved offline"
@@ -463,8 +463,7 @@ async def test_a_question_times_out_with_its_default_or_an_error(
 async def test_inspecting_the_journal_while_a_question_waits(
     tmp_path: Path, settings: LoopSettings
 ) -> None:
-    loop = Approval(tmp_path / "calls", settings=settings)
-    loop.review_asks = False
+    loop = asks_once(tmp_path, settings)
     async with loop.run(loop_n=1) as results:
         async for item in results:
             if not isinstance(item, Question):
@@ -482,8 +481,7 @@ async def test_the_deadline_cancels_a_step_waiting_for_an_answer(
     tmp_path: Path, settings: LoopSettings
 ) -> None:
     settings = settings.model_copy(update={"save_snapshots": False})
-    loop = Approval(tmp_path / "calls", settings=settings)
-    loop.review_asks = False
+    loop = asks_once(tmp_path, settings)
     started = anyio.current_time()
     items = []
     async with loop.run(loop_n=1, all_duration=10) as results:
