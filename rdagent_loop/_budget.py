@@ -162,6 +162,40 @@ class Timer:
         return state
 
 
+def check_amount(value: object, name: str, *, infinite: bool = False) -> float:
+    """A cost: a finite number >= 0, or infinity when ``infinite`` (a budget with no limit);
+    else ``ValueError`` naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if math.isnan(value) or value < 0 or (math.isinf(value) and not infinite):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_tokens(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"tokens must be a whole number >= 0, got {value!r}")
+    return value
+
+
+class Spending:
+    """What a loop object's runs have spent (``loop.charge``) and the ``all_cost`` budget;
+    saved with every snapshot, like the timer, so a resume does not get a fresh allowance."""
+
+    def __init__(self) -> None:
+        self.limit: float | None = None
+        self.cost = 0.0
+        self.tokens = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.cost >= self.limit
+
+    def __repr__(self) -> str:
+        limit = "" if self.limit is None else f" of {self.limit:g}"
+        return f"<Spending {self.cost:g}{limit}, {self.tokens} tokens>"
+
+
 class StepBudget:
     """``step_n`` accounting: a step reserves its unit before it starts.
 

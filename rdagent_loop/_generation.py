@@ -13,7 +13,6 @@ returns that as one frozen :class:`GenerationEnd`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -82,7 +81,7 @@ class Generation:
             with self._handed, self._loops:  # closed however the generation ends
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
-                    if self.run.settings.grace_period > 0 and math.isfinite(deadline):
+                    if self.run.settings.grace_period > 0:  # all_cost may move the deadline
                         await tg.start(self.run.watch_grace, deadline)
                     await tg.start(self._kickoff, tg)
         finally:
@@ -221,10 +220,13 @@ class Generation:
         loop, run = self.loop, self.run
         ended = _utcnow()
         started, waits = timing.started_at, tuple(timing.waits)
-        next_step = record_step(loop, li, si, output, error, started, ended, waits)
+        cost, tokens = timing.cost, timing.tokens
+        next_step = record_step(loop, li, si, output, error, started, ended, waits, cost, tokens)
         loop_done = next_step >= len(loop.steps)
         name = loop.steps[si]
-        result = StepResult(li, si, name, output, error, started, ended, attempts, retried)
+        result = StepResult(
+            li, si, name, output, error, started, ended, attempts, retried, cost, tokens
+        )
         if loop_done:
             self.unfinished.discard(li)
         try:

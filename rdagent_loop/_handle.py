@@ -108,9 +108,15 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
         step_n: int | None,
         loop_n: int | None,
         all_duration: timedelta | None,
+        all_cost: float | None = None,
     ) -> None:
         self._loop = loop
-        self._args = {"step_n": step_n, "loop_n": loop_n, "all_duration": all_duration}
+        self._args: dict[str, Any] = {
+            "step_n": step_n,
+            "loop_n": loop_n,
+            "all_duration": all_duration,
+            "all_cost": all_cost,
+        }
         self._run: Run | None = None
         self._consumed: str | None = None
         self._coro: Coroutine[Any, Any, RunSummary] | None = None
@@ -164,7 +170,7 @@ class LoopRun(Coroutine[Any, Any, RunSummary]):
             else ResultOutlet(settings.result_buffer, settings.max_parallel, progress)
         )
         try:
-            run = Run(loop, outlet, **self._args)  # type: ignore[arg-type]
+            run = Run(loop, outlet, **self._args)
         except BaseException:  # refused (bad settings...): leave no open stream behind
             outlet.close()
             raise

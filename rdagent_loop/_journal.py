@@ -137,6 +137,7 @@ class Journal:
         self._changed = anyio.Event()
         self._task_group: TaskGroup | None = None
         self._poll_scope = anyio.CancelScope()
+        self._uncounted: set[int] = set()  # entries read from disk whose charges no run counted
         self.recorded = 0  # memoized calls made and journaled in this run
         self.replayed = 0  # memoized calls answered from the journal in this run
 
@@ -182,6 +183,8 @@ class Journal:
             step = self._steps[(li, si)] = _Step(paths=found.paths)
             for entry in found.entries:
                 step.entries[(entry.kind, entry.key)] = entry
+                if entry.meta.get("cost") or entry.meta.get("tokens"):
+                    self._uncounted.add(id(entry))
         # answers left while no run went: journaled now, before any step can ask again
         asked = {
             e.meta["id"]: key
@@ -407,6 +410,16 @@ class Journal:
         return entry
 
 
+def _charges(cost: float, tokens: int) -> dict[str, Any]:
+    """A memo entry's meta: the charges made inside the call, journaled with its result."""
+    meta: dict[str, Any] = {}
+    if cost:
+        meta["cost"] = cost
+    if tokens:
+        meta["tokens"] = tokens
+    return meta
+
+
 def outcome(entry: Entry, timeout: float | None) -> Any:
     """What ``ask`` returns for a journaled answer (or raises, for a timeout without default)."""
     meta = entry.meta
@@ -436,6 +449,7 @@ class StepJournal:
         "_waits",
         "asks",
         "closed",
+        "cost",
         "is_async",
         "journal",
         "lenders",
@@ -448,6 +462,7 @@ class StepJournal:
         "thread",
         "timeout_scope",
         "timing",
+        "tokens",
     )
 
     def __init__(
@@ -476,6 +491,8 @@ class StepJournal:
         # call the entries left over)
         self.mark = journal.run.writer.submitted
         self.asks = 0
+        self.cost = 0.0  # charged in this attempt
+        self.tokens = 0
         self.closed = False
         self.thread = threading.get_ident()
         self.lenders: list[Lender] = []
@@ -504,20 +521,37 @@ class StepJournal:
             await self.journal.run.writer.wait_written(self.mark)
 
     def lookup(self, key: str) -> tuple[bool, Any]:
-        """``(True, result)`` for a journaled memo key, else ``(False, None)``."""
-        entry = self.journal.get(self.loop_idx, self.step_idx, MEMO, key)
+        """``(True, result)`` for a journaled memo key, else ``(False, None)``. The charges
+        journaled with it count once: now, if no run counted them (they were made in a run
+        that was killed)."""
+        journal = self.journal
+        entry = journal.get(self.loop_idx, self.step_idx, MEMO, key)
         if entry is None:
             return False, None
-        self.journal.replayed += 1
+        journal.replayed += 1
+        if id(entry) in journal._uncounted:
+            journal._uncounted.discard(id(entry))
+            self.charge(entry.meta.get("cost", 0.0), entry.meta.get("tokens", 0))
         return True, entry.value()
 
-    async def record_memo(self, key: str, data: bytes) -> None:
+    def charge(self, cost: float, tokens: int) -> None:
+        """What the step spent: the step's, the run's and the session's totals grow."""
+        self.cost += cost
+        self.tokens += tokens
+        self.journal.run.charge(cost, tokens, self.timing)
+
+    def spent(self) -> tuple[float, int]:
+        return self.cost, self.tokens
+
+    async def record_memo(self, key: str, data: bytes, cost: float = 0.0, tokens: int = 0) -> None:
         self._check_open()
         await self.settle()
-        await self.journal.record(self.loop_idx, self.step_idx, Entry(MEMO, key, data))
+        entry = Entry(MEMO, key, data, _charges(cost, tokens))
+        await self.journal.record(self.loop_idx, self.step_idx, entry)
 
-    def record_memo_now(self, key: str, data: bytes) -> None:
-        self.journal.record_now(self.loop_idx, self.step_idx, Entry(MEMO, key, data))
+    def record_memo_now(self, key: str, data: bytes, cost: float = 0.0, tokens: int = 0) -> None:
+        entry = Entry(MEMO, key, data, _charges(cost, tokens))
+        self.journal.record_now(self.loop_idx, self.step_idx, entry)
 
     async def ask(self, text: str, payload: Any, limit: float | None, default: Any) -> Any:
         self._check_open()
@@ -601,15 +635,22 @@ class Port(Protocol):
 
     def prepare(self) -> None: ...
 
-    def record(self, key: str, data: bytes) -> None: ...
+    def record(self, key: str, data: bytes, cost: float, tokens: int) -> None: ...
 
     def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any: ...
+
+    def charge(self, cost: float, tokens: int) -> None: ...
+
+    def spent(self) -> tuple[float, int]: ...
 
 
 class RequestPort:
     """A port whose every call is one request to the engine (``_call``: send it, wait for
     ``(True, result)`` or ``(False, exception)``): a worker process's pipe, a Ray mailbox.
     The engine answers with :func:`serve`."""
+
+    cost = 0.0  # charged through this port in this attempt
+    tokens = 0
 
     def _call(self, *request: Any) -> Any:
         raise NotImplementedError
@@ -621,19 +662,28 @@ class RequestPort:
     def prepare(self) -> None:
         """Nothing: the engine waits for the snapshot when the result is recorded."""
 
-    def record(self, key: str, data: bytes) -> None:
-        self._call("record", key, data)
+    def record(self, key: str, data: bytes, cost: float, tokens: int) -> None:
+        self._call("record", key, data, cost, tokens)
 
     def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
         return self._call("ask", text, payload, timeout, default)
+
+    def charge(self, cost: float, tokens: int) -> None:
+        self._call("charge", cost, tokens)
+        self.cost += cost
+        self.tokens += tokens
+
+    def spent(self) -> tuple[float, int]:
+        return self.cost, self.tokens
 
 
 remote_port: Port | None = None
 """Set in a worker process (process pool, Ray) while it runs a step: its channel."""
 
 
-def blocking_port(loop: object) -> Port | None:
-    """The port of the step the caller is part of, or None outside any run."""
+def blocking_port(loop: object, *, from_async: bool = False) -> Port | None:
+    """The port of the step the caller is part of, or None outside any run.
+    ``from_async``: the call does not block (``charge``), an async step may make it."""
     if remote_port is not None:
         return remote_port
     sj = current_step.get()
@@ -641,7 +691,7 @@ def blocking_port(loop: object) -> Port | None:
         return None
     if threading.get_ident() != sj.thread:
         return _ThreadPort(sj)
-    if sj.is_async:
+    if sj.is_async and not from_async:
         raise RuntimeError(
             f"step {sj.step_name!r} is async: use `await self.memo(...)` and "
             "`await self.ask(...)`; the _blocking forms would block every loop"
@@ -662,8 +712,14 @@ class _InlinePort:
         if not self.sj.settled():  # before the call is paid for: wait, then run the step again
             raise AwaitingSnapshot
 
-    def record(self, key: str, data: bytes) -> None:
-        self.sj.record_memo_now(key, data)
+    def record(self, key: str, data: bytes, cost: float, tokens: int) -> None:
+        self.sj.record_memo_now(key, data, cost, tokens)
+
+    def charge(self, cost: float, tokens: int) -> None:
+        self.sj.charge(cost, tokens)
+
+    def spent(self) -> tuple[float, int]:
+        return self.sj.spent()
 
     def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
         sj = self.sj
@@ -690,8 +746,14 @@ class _ThreadPort:
     def prepare(self) -> None:
         """Nothing: ``record`` waits for the snapshot on the event loop."""
 
-    def record(self, key: str, data: bytes) -> None:
-        anyio.from_thread.run(self.sj.record_memo, key, data)
+    def record(self, key: str, data: bytes, cost: float, tokens: int) -> None:
+        anyio.from_thread.run(self.sj.record_memo, key, data, cost, tokens)
+
+    def charge(self, cost: float, tokens: int) -> None:
+        anyio.from_thread.run_sync(self.sj.charge, cost, tokens)
+
+    def spent(self) -> tuple[float, int]:
+        return self.sj.spent()
 
     def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
         return anyio.from_thread.run(self.sj.ask, text, payload, timeout, default)
@@ -709,6 +771,9 @@ async def serve(sj: StepJournal, request: tuple[Any, ...]) -> tuple[bool, Any]:
             return True, None
         if op == "ask":
             return True, await sj.ask(*args)
+        if op == "charge":
+            sj.charge(*args)
+            return True, None
         raise ValueError(f"unknown journal request {op!r}")
     except Exception as exc:
         return False, exc

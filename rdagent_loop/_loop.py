@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from . import _journal, _session
-from ._budget import Timer, check_count, parse_duration
+from ._budget import Spending, Timer, check_amount, check_count, check_tokens, parse_duration
 from ._current import run_of
 from ._errors import LoopResumeError, LoopTerminationError
 from ._handle import LoopRun
@@ -96,6 +96,7 @@ class LoopBase(metaclass=LoopMeta):
         self.step_n: int | None = None  # steps still to complete
         # loop -> the snapshot (relative to session_folder) a withdraw of that loop restores
         self.withdraw_base: LoopMap[str | None] = LoopMap(no_value)
+        self.spending = Spending()  # what the runs spent (loop.charge) and the all_cost budget
         self._running = False  # a run() is consuming this loop: one at a time
 
     # -- the steps ------------------------------------------------------------------------
@@ -151,8 +152,11 @@ class LoopBase(metaclass=LoopMeta):
         found, result = sj.lookup(key)
         if found:
             return result
+        cost, tokens = sj.spent()
         result = await _call(fn, args, kwargs)
-        await sj.record_memo(key, pickle_value(result, f"the result of memo key {key!r}"))
+        data = pickle_value(result, f"the result of memo key {key!r}")
+        after_cost, after_tokens = sj.spent()
+        await sj.record_memo(key, data, after_cost - cost, after_tokens - tokens)
         return result
 
     def memo_blocking(self, key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -166,9 +170,25 @@ class LoopBase(metaclass=LoopMeta):
         if found:
             return result
         port.prepare()
+        cost, tokens = port.spent()
         result = fn(*args, **kwargs)
-        port.record(key, pickle_value(result, f"the result of memo key {key!r}"))
+        data = pickle_value(result, f"the result of memo key {key!r}")
+        after_cost, after_tokens = port.spent()
+        port.record(key, data, after_cost - cost, after_tokens - tokens)
         return result
+
+    def charge(self, cost: float = 0.0, *, tokens: int = 0) -> None:
+        """Report what the running step spent: money (in your unit) and model tokens. They
+        add up in ``StepResult.cost``/``.tokens``, ``RunSummary`` and ``self.spending`` (the
+        session's total, saved with it), and ``run(all_cost=...)`` stops the run once the
+        total reaches it. From any step, on any executor. Charges made inside a memoized
+        call are journaled with its result and not charged again when it is replayed.
+        Outside a run there is nothing to charge: it does nothing."""
+        amount = check_amount(cost, "cost")
+        count = check_tokens(tokens)
+        port = _journal.blocking_port(self, from_async=True)
+        if port is not None and (amount or count):
+            port.charge(amount, count)
 
     async def ask(
         self,
@@ -226,19 +246,22 @@ class LoopBase(metaclass=LoopMeta):
         step_n: int | None = None,
         loop_n: int | None = None,
         all_duration: str | float | Any | None = None,
+        all_cost: float | None = None,
     ) -> LoopRun:
         """Start a run: await it, ``async with`` it, or ``async for`` over it.
 
-        ``step_n`` steps complete, ``loop_n`` loops are admitted, or ``all_duration`` passes
-        (``"90s"``, ``"0.5h"``, ``"2h"``, ``"1d"``), whichever comes first. Arguments left
-        out keep what a resumed session saved.
+        ``step_n`` steps complete, ``loop_n`` loops are admitted, ``all_duration`` passes
+        (``"90s"``, ``"0.5h"``, ``"2h"``, ``"1d"``), or what the steps charged
+        (``self.charge``) reaches ``all_cost``, whichever comes first. Arguments left out
+        keep what a resumed session saved (the amount spent always travels with it).
         """
         check_count(step_n, "step_n")
         check_count(loop_n, "loop_n")
         duration = None if all_duration is None else parse_duration(all_duration)
+        cost = None if all_cost is None else check_amount(all_cost, "all_cost", infinite=True)
         if not self.steps:
             raise TypeError(f"{type(self).__name__} has no steps to run")
-        return LoopRun(self, step_n=step_n, loop_n=loop_n, all_duration=duration)
+        return LoopRun(self, step_n=step_n, loop_n=loop_n, all_duration=duration, all_cost=cost)
 
     # -- persistence ----------------------------------------------------------------------
     #

@@ -24,6 +24,8 @@ def record_step(
     started: datetime,
     ended: datetime,
     waits: tuple[tuple[datetime, datetime], ...] = (),
+    cost: float = 0.0,
+    tokens: int = 0,
 ) -> int:
     """Record step ``step_idx`` of loop ``loop_idx`` as completed; return the loop's next step.
 
@@ -42,7 +44,16 @@ def record_step(
         next_step = step_idx + 1
     loop.step_idx[loop_idx] = next_step
     loop.loop_trace[loop_idx].append(
-        LoopTrace(started, ended, step_idx, name, None if error is None else repr(error), waits)
+        LoopTrace(
+            started,
+            ended,
+            step_idx,
+            name,
+            None if error is None else repr(error),
+            waits,
+            cost,
+            tokens,
+        )
     )
     if step_idx == 0 and loop_idx == loop.loop_idx:
         loop.loop_idx += 1  # the kickoff's loop: the next one may be proposed

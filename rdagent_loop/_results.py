@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-StopReason = Literal["loop_n", "step_n", "all_duration", "terminated"]
+StopReason = Literal["loop_n", "step_n", "all_duration", "all_cost", "terminated"]
 
 _short = reprlib.Repr()
 _short.maxstring = 40
@@ -28,6 +28,11 @@ class StepResult:
     attempts: int = 1
     retried: tuple[BaseException, ...] = ()
     """Errors of the attempts that failed before the one that counted (``retries`` policy)."""
+    cost: float = 0.0
+    """What the step reported spending (``loop.charge``), all its attempts included; a
+    memoized call's charges count once, in the run that made the call or the first run
+    that replays it after a crash."""
+    tokens: int = 0
 
     @property
     def duration(self) -> timedelta:
@@ -45,7 +50,8 @@ class StepResult:
         else:
             what = f"-> {_short.repr(self.output)}"
         tries = f" ({self.attempts} attempts)" if self.attempts > 1 else ""
-        return f"{head} in {seconds:.3f}s{tries} {what}"
+        spent = f" (cost {self.cost:g})" if self.cost else ""
+        return f"{head} in {seconds:.3f}s{tries}{spent} {what}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +85,18 @@ class RunSummary:
     reason: StopReason
     replayed: int = 0
     """Memoized calls (``loop.memo``) answered from the step journal instead of made again."""
+    cost: float = 0.0
+    """What the steps of this run reported spending (``loop.charge``), failed and cancelled
+    attempts included; ``loop.spending`` holds the total of every run of the session."""
+    tokens: int = 0
 
     def __str__(self) -> str:
         steps = f"{self.steps} step{'' if self.steps == 1 else 's'}"
         loops = f"{self.loops} loop{'' if self.loops == 1 else 's'}"
         calls = "call" if self.replayed == 1 else "calls"
         replayed = f", {self.replayed} memoized {calls} replayed" if self.replayed else ""
-        return f"{steps}, {loops} completed; stopped by {self.reason}{replayed}"
+        spent = f", cost {self.cost:g} ({self.tokens} tokens)" if self.cost or self.tokens else ""
+        return f"{steps}, {loops} completed; stopped by {self.reason}{replayed}{spent}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +110,22 @@ class LoopTrace:
     exception: str | None = None
     waits: tuple[tuple[datetime, datetime], ...] = ()
     """When the step waited for answers to its questions (``loop.ask``), start and end."""
+    cost: float = 0.0
+    """What the step reported spending (``loop.charge``)."""
+    tokens: int = 0
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # a frozen slots dataclass otherwise pickles through a Python-level __getstate__
-        fields = (self.start, self.end, self.step_idx, self.step_name, self.exception)
-        return (LoopTrace, (*fields, self.waits) if self.waits else fields)
+        # a frozen slots dataclass otherwise pickles through a Python-level __getstate__;
+        # the fields after ``exception`` only when set, so a plain trace stays small
+        fields: tuple[Any, ...] = (self.start, self.end, self.step_idx, self.step_name)
+        fields += (self.exception,)
+        if self.tokens:
+            fields += (self.waits, self.cost, self.tokens)
+        elif self.cost:
+            fields += (self.waits, self.cost)
+        elif self.waits:
+            fields += (self.waits,)
+        return (LoopTrace, fields)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

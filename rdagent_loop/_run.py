@@ -19,10 +19,10 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
-from ._budget import StepBudget, carry_budgets
+from ._budget import Spending, StepBudget, carry_budgets
 from ._compat import BaseExceptionGroup, add_note
 from ._current import current_run
-from ._executors import StepRunner
+from ._executors import StepRunner, StepTiming
 from ._generation import Generation, GenerationEnd
 from ._journal import Journal
 from ._logging import log
@@ -70,11 +70,16 @@ class Run:
         step_n: int | None,
         loop_n: int | None,
         all_duration: timedelta | None,
+        all_cost: float | None = None,
     ) -> None:
         self.loop = loop
         self.settings = settings = loop.settings
         self.outlet = outlet
         self._arguments = (step_n, loop_n, all_duration)
+        self._all_cost = all_cost
+        self.cost = 0.0  # charged by this run's steps
+        self.tokens = 0
+        self.cost_stopped = False  # the session's spending reached all_cost
         self.max_parallel = settings.max_parallel
         self.runner = StepRunner(type(loop), settings)
         self.limiters = {name: StepLimit(self.runner.limit_of(name)) for name in loop.steps}
@@ -145,7 +150,12 @@ class Run:
             loop.timer.disarm()
             self.outlet.engine_done()
         summary = RunSummary(
-            self.steps_completed, len(self.loops_completed), reason, self.journal.replayed
+            self.steps_completed,
+            len(self.loops_completed),
+            reason,
+            self.journal.replayed,
+            self.cost,
+            self.tokens,
         )
         log.info("run ended: %s", summary)
         return summary
@@ -171,6 +181,10 @@ class Run:
         loop.step_n, loop.loop_n = carry_budgets(loop, step_n=step_n, loop_n=loop_n)
         if all_duration is not None and not loop.timer.started:
             loop.timer.reset(all_duration)
+        if not isinstance(loop.__dict__.get("spending"), Spending):  # saved by 0.1
+            loop.spending = Spending()
+        if self._all_cost is not None:
+            loop.spending.limit = self._all_cost
         self.budget = StepBudget(loop.step_n)
 
     async def _run_generations(self, restorer: Restorer) -> StopReason:
@@ -182,6 +196,9 @@ class Run:
             if deadline <= anyio.current_time():
                 log.warning("all_duration is over: the run stops")
                 return "all_duration"
+            if loop.spending.exhausted:
+                log.warning("all_cost is spent (%s): the run stops", loop.spending)
+                return "all_cost"
             while not self.budget.exhausted:
                 self.generation = Generation(self)
                 end = await self.generation.run_until_done(deadline)
@@ -205,6 +222,8 @@ class Run:
         end = GenerationEnd() if self.generation is None else self.generation.outcome()
         # a step may have failed while the deadline was cancelling the generation
         _raise_errors(end.errors)
+        if self.cost_stopped:
+            return "all_cost"
         if self.closing or run_scope.cancelled_caught:
             log.warning("all_duration is over: the run stops")
             return "all_duration"
@@ -224,7 +243,25 @@ class Run:
 
         self.journal.drop_loops(rolled_back)
 
+    def charge(self, cost: float, tokens: int, timing: StepTiming | None) -> None:
+        """A step spent ``cost`` and ``tokens``: count them, and once the session's total
+        reaches ``all_cost`` stop the run as at the deadline (the grace period applies)."""
+        spending = self.loop.spending
+        self.cost += cost
+        self.tokens += tokens
+        spending.cost += cost
+        spending.tokens += tokens
+        if timing is not None:
+            timing.cost += cost
+            timing.tokens += tokens
+        if spending.exhausted and not self.cost_stopped:
+            self.cost_stopped = True
+            log.warning("all_cost is spent (%s): no step starts", spending)
+            self._move_deadline(anyio.current_time())
+
     def _move_deadline(self, deadline: float) -> None:
+        if self.cost_stopped:  # all_cost is spent: no later deadline
+            deadline = min(deadline, self._run_scope.deadline - self.settings.grace_period)
         self._run_scope.deadline = deadline + self.settings.grace_period
         if self._grace_scope is not None:
             self._grace_scope.deadline = deadline
@@ -237,7 +274,8 @@ class Run:
             await anyio.sleep_forever()
         self._grace_scope = None
         self.closing = True
-        log.warning("all_duration is over: in-flight steps may finish within the grace period")
+        what = "all_cost is spent" if self.cost_stopped else "all_duration is over"
+        log.warning("%s: in-flight steps may finish within the grace period", what)
         self._notify_loop_finished()
         if self.in_flight == 0:
             self._run_scope.cancel("all_duration is over")

@@ -19,6 +19,9 @@ class StepTiming:
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     waits: list[tuple[datetime, datetime]] = field(default_factory=list)
     """When the step waited for answers (``loop.ask``): shown apart in the timeline."""
+    cost: float = 0.0
+    """What the step reported spending (``loop.charge``), over all its attempts."""
+    tokens: int = 0
 
     def restart(self) -> None:
         self.started_at = datetime.now(timezone.utc)
