@@ -227,6 +227,7 @@ class JournalOnRay(LoopBase):
         def call_model():
             with (self.folder / "calls").open("a") as f:
                 f.write("model\n")
+            self.charge(1.5, tokens=30)  # journaled with the result: charged once
             return "drafted on ray"
 
         draft = self.memo_blocking("model", call_model)
@@ -252,3 +253,5 @@ async def test_ray_steps_journal_and_ask_through_the_engine(tmp_path, local_ray)
     assert loop.loop_prev_out[0]["work"] == ("drafted on ray", "approved")
     assert [type(i).__name__ for i in items] == ["StepResult", "Question", "StepResult"]
     assert results.summary is not None and results.summary.replayed == 1
+    assert (items[-1].cost, items[-1].tokens) == (1.5, 30)
+    assert (results.summary.cost, loop.spending.cost) == (1.5, 1.5)
