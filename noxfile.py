@@ -74,5 +74,5 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """The benchmark table; a few minutes at most on two cores."""
-    session.install("-e", ".[trio]")
+    session.install("-e", ".[trio,otel]", "opentelemetry-sdk")  # the SDK: bench_otel.py
     session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,7 +1,8 @@
 """``python -m benchmarks [NAME ...]``: every benchmark in one table (docs/benchmarks.md).
 
 Each ``benchmarks/bench_<name>.py`` has ``run() -> list[tuple[str, str, str]]`` (what, figure,
-bar). Names: engine, snapshots, executors, sessions, journal (default: all that are present).
+bar). Names: engine, snapshots, executors, sessions, journal, otel (default: all that are
+present).
 A benchmark that is missing is noted; one that fails is reported in the table and makes the
 exit status 1.
 """
@@ -18,7 +19,7 @@ import traceback
 
 from benchmarks.bench_engine import Row, format_table
 
-NAMES = ("engine", "snapshots", "executors", "sessions", "journal")
+NAMES = ("engine", "snapshots", "executors", "sessions", "journal", "otel")
 
 
 def _collect(name: str) -> tuple[list[Row], bool]:

@@ -176,7 +176,7 @@ class Generation:
             timing = StepTiming()
             error: BaseException | None = None
             try:
-                with step_context(li, name):
+                with step_context(li, name), run.otel.step(li, si, name, timing):
                     output, attempts, retried = await call_step(
                         run.runner, run.journal, loop, li, si, name, timing, slot
                     )

@@ -24,6 +24,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._backend import spawn_detached
+from ._otel import trace_run
 from ._outlet import DiscardOutlet, Item, ResultOutlet
 from ._progress import make_progress
 from ._results import RunSummary
@@ -282,7 +283,8 @@ async def _drive(run: Run, outcome: _Outcome) -> None:
     try:
         with run.outlet.send:
             try:
-                outcome.summary = await run.main()
+                with trace_run(run):  # OpenTelemetry: the run's span, when traced
+                    outcome.summary = await run.main()
             except anyio.get_cancelled_exc_class():
                 raise
             except BaseException as exc:

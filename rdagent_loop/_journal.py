@@ -346,6 +346,7 @@ class Journal:
         opened.answered.set()
         self.questions.pop(opened.question.id, None)
         self._signal()
+        self.run.otel.answered(opened.question, entry.meta)
 
     async def ask(
         self, sj: StepJournal, k: int, text: str, payload: Any, limit: float | None, default: Any
@@ -368,6 +369,7 @@ class Journal:
             await self.record(li, si, Entry(QUESTION, f"ask{k}", data, {"id": question.id}))
             self.questions[question.id] = _Open(question)
             self._signal()
+            self.run.otel.asked(question)
         else:
             question = asked.value()
         answer = self.get(li, si, ANSWER, question.id)

@@ -26,6 +26,7 @@ from ._executors import StepRunner, StepTiming
 from ._generation import Generation, GenerationEnd
 from ._journal import Journal
 from ._logging import log
+from ._otel import NO_TRACE, RunTrace
 from ._outlet import ResultOutlet
 from ._results import Question, RunSummary, StepResult, StopReason
 from ._session import SnapshotWriter, remove_orphans
@@ -91,6 +92,7 @@ class Run:
         # one run per session: held from the start until the writer has finished
         self.session_lock = SessionLock(loop.session_folder) if settings.save_snapshots else None
         self.journal = Journal(self)
+        self.otel: RunTrace = NO_TRACE  # its trace hooks (OpenTelemetry), while traced
         self.generation: Generation | None = None
         self.steps_completed = 0
         self.loops_completed: set[int] = set()  # in this run (and not rolled back)
@@ -158,6 +160,7 @@ class Run:
             self.tokens,
         )
         log.info("run ended: %s", summary)
+        self.otel.stopped(summary)
         return summary
 
     def _writer_failed(self, error: BaseException) -> None:
@@ -210,6 +213,7 @@ class Run:
                         li: loop.step_idx.get(li, 0) for li in self.journal.loops_with_entries()
                     }
                     self.last_snapshot = await restorer.restore(loop, *end.withdraw)
+                    self.otel.withdrew(*end.withdraw, self.last_snapshot)
                     self._drop_rolled_back(before, end.withdraw[0])
                     n = len(loop.steps)
                     self.loops_completed = {
@@ -322,6 +326,7 @@ class Run:
         """Count a step :func:`~._record.record_step` recorded, save the loop, deliver it."""
         loop = self.loop
         li, name = result.loop_idx, result.step_name
+        self.otel.step_recorded(result, loop_done=loop_done)
         self.budget.spend()
         loop.step_n = self.budget.remaining
         self.steps_completed += 1

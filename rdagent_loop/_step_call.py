@@ -15,6 +15,7 @@ from ._errors import QuestionTimeoutError, StepTimeoutError
 from ._executors import StepRunner, StepTiming
 from ._journal import AwaitingAnswer, AwaitingSnapshot, Journal, StepJournal, current_step
 from ._logging import log
+from ._otel import retrying
 
 if TYPE_CHECKING:
     from ._step_limit import StepSlot
@@ -70,6 +71,7 @@ async def call_step(
             if isinstance(exc, runner.never_retried):
                 raise
             retried.append(exc)
+            retrying(exc)  # an event on the step's span (OpenTelemetry)
             delay = options.backoff * options.backoff_factor ** (len(retried) - 1)
             log.warning(
                 "loop %d step %s failed (%r); attempt %d of %d in %.3gs",

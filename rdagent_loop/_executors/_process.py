@@ -50,6 +50,7 @@ import psutil
 from .._compat import add_note
 from .._errors import WorkerCrashedError
 from .._journal import StepJournal, current_step, serve
+from .._otel import carrier
 from .._pipes import grow_pipe
 from .._session._blobs import Blobs, dumps
 from .._session._capture import without_tearing
@@ -304,7 +305,8 @@ class ProcessExecutor:
         self._blobs.forget_unseen()
         new = {sha: blob for sha, blob in found.items() if sha not in worker.blobs}
         worker.blobs = set(found)  # the worker keeps what this task uses, and nothing else
-        return _wire.pickle_chunks((new, data))
+        # and the step span's trace context (OpenTelemetry), for the step's own spans
+        return _wire.pickle_chunks((new, data, carrier()))
 
     def prestart(self) -> None:
         """Start the workers now (the run is starting), so they import while the first,

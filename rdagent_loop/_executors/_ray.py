@@ -32,6 +32,7 @@ import anyio
 
 from .._compat import add_note
 from .._journal import RequestPort, StepJournal, current_step, serve
+from .._otel import attached, carrier
 from .._settings import LoopSettings, StepResources
 from ._base import StepCall
 from ._wire import RemoteTraceback
@@ -54,9 +55,12 @@ def import_ray() -> ModuleType:
         raise ImportError(_MISSING, name="ray") from exc
 
 
-def _run_shipped_step(payload: bytes, mailbox: Any, token: int) -> Any:
+def _run_shipped_step(
+    payload: bytes, mailbox: Any, token: int, trace_context: dict[str, str] | None = None
+) -> Any:
     """The Ray task: unpickle the bound method and ``prev_out``, call it; its journal calls
-    go to the engine through ``mailbox``."""
+    go to the engine through ``mailbox``, and the step's span (``trace_context``) is the
+    current span while it runs."""
     from ray import cloudpickle
 
     from .. import _journal
@@ -64,7 +68,8 @@ def _run_shipped_step(payload: bytes, mailbox: Any, token: int) -> Any:
     func, prev_out = cloudpickle.loads(payload)
     _journal.remote_port = _MailboxPort(mailbox, token)
     try:
-        return func(prev_out)
+        with attached(trace_context):
+            return func(prev_out)
     finally:
         _journal.remote_port = None
 
@@ -166,7 +171,7 @@ class RayExecutor:
             raise
         token = next(self._tokens)
         ref = self._task.options(**task_options(call, self._resources.get(call.name))).remote(
-            payload, self._mailbox, token
+            payload, self._mailbox, token, carrier()
         )
         del payload
         outcome: list[Any] = []  # taken out of the task group, which would wrap an error

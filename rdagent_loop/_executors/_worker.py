@@ -26,6 +26,7 @@ import threading
 import traceback
 from typing import Any
 
+from .._otel import attached
 from .._session._blobs import loads
 from . import _wire
 
@@ -122,7 +123,7 @@ _blobs: dict[str, bytes] = {}  # large bytes the parent sent once (see _process.
 def _run(task: bytearray, region: _wire.SharedRegion | None, port: _wire.PipePort) -> bytes:
     global _blobs
     try:
-        new, data = _wire.load_task(task, region)
+        new, data, trace_context = _wire.load_task(task, region)
         held = _blobs = {**_blobs, **new}  # a superset of what the parent thinks, if it fails
         used: dict[str, bytes] = {}
 
@@ -145,7 +146,8 @@ def _run(task: bytearray, region: _wire.SharedRegion | None, port: _wire.PipePor
 
     _journal.remote_port = port  # memo_blocking and ask_blocking reach the engine through it
     try:
-        output: Any = func(prev_out)
+        with attached(trace_context):  # the step's span is the current span (OpenTelemetry)
+            output: Any = func(prev_out)
     except BaseException as exc:  # everything goes back to the parent, which decides
         return _wire.encode_error(exc, traceback.format_exc())
     finally:
