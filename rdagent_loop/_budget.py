@@ -186,6 +186,13 @@ class Spending:
         self.limit: float | None = None
         self.cost = 0.0
         self.tokens = 0
+        # memoized calls whose charges ``cost`` holds (their journal entries' uids): a
+        # resume replaying one of them counts its charges only if this snapshot did not
+        self.counted: set[str] = set()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.counted = set()
+        self.__dict__.update(state)
 
     @property
     def exhausted(self) -> bool:

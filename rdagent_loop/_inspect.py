@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import reprlib
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import LoopBase, LoopSettings, SnapshotError, SnapshotInfo, list_snapshots
+from ._budget import Spending
 from ._results import Question
 from ._session import newest_valid, qualified_name, session_folder_of, signing_key, snapshot_files
 from ._session._entries import (
@@ -211,6 +213,8 @@ class StepRow:
     snapshot: str | None = None  # path relative to the session folder
     snapshot_problem: str | None = None  # set when that snapshot is corrupt
     waits: tuple[tuple[datetime, datetime], ...] = ()  # waiting for answers (``loop.ask``)
+    cost: float = 0.0  # what the step charged (``loop.charge``)
+    tokens: int = 0
 
     @property
     def duration(self) -> float | None:
@@ -274,6 +278,49 @@ class LoopRow:
     def errors(self) -> list[StepRow]:
         return [s for s in self.steps if s.error]
 
+    @property
+    def cost(self) -> float:
+        """What its completed steps charged (``loop.charge``)."""
+        return sum(s.cost for s in self.steps)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.steps)
+
+
+@dataclass(frozen=True, slots=True)
+class SpendingRow:
+    """The session's ``loop.spending`` as the snapshot saved it: every charge of every run
+    (failed, cancelled and withdrawn steps included), and the ``all_cost`` budget."""
+
+    cost: float
+    tokens: int
+    limit: float | None  # None (or infinity): no budget
+
+    @property
+    def left(self) -> float | None:
+        """What the budget still allows, or None without a (finite) budget."""
+        if self.limit is None or math.isinf(self.limit):
+            return None
+        return max(0.0, self.limit - self.cost)
+
+    def to_json(self) -> dict[str, Any]:
+        left = self.left
+        return {
+            "cost": self.cost,
+            "tokens": self.tokens,
+            "limit": None if left is None else self.limit,  # JSON has no infinity
+            "left": left,
+        }
+
+
+def spending_of(loop: LoopBase | None) -> SpendingRow | None:
+    """``loop.spending``, or None for a loop saved before cost budgets (rdagent_loop 0.1)."""
+    spending = None if loop is None else loop.__dict__.get("spending")
+    if not isinstance(spending, Spending):
+        return None
+    return SpendingRow(spending.cost, spending.tokens, spending.limit)
+
 
 @dataclass(frozen=True, slots=True)
 class SessionReport:
@@ -289,6 +336,16 @@ class SessionReport:
     loop_n: int | None = None
     step_n: int | None = None
     problem: str | None = None  # why no state could be loaded
+    spending: SpendingRow | None = None  # the session's, when the snapshot has it
+
+    @property
+    def cost(self) -> float:
+        """What the completed steps of every loop charged."""
+        return sum(row.cost for row in self.loops)
+
+    @property
+    def tokens(self) -> int:
+        return sum(row.tokens for row in self.loops)
 
     @property
     def corrupt(self) -> list[SnapshotInfo]:
@@ -343,12 +400,17 @@ class SessionReport:
             "questions_open": len(self.questions),
             "memos_journaled": self.memos_journaled,
             "answers_waiting": self.answers_waiting,
+            "cost": self.cost,
+            "tokens": self.tokens,
+            "spending": None if self.spending is None else self.spending.to_json(),
             "loops": [
                 {
                     "loop_idx": row.loop_idx,
                     "status": row.status,
                     "next_step": row.next_step,
                     "duration": row.busy,
+                    "cost": row.cost,
+                    "tokens": row.tokens,
                     "result": row.result,
                     "steps": [step(s) for s in row.steps],
                     "journal": journal(row.journal),
@@ -446,6 +508,8 @@ def build_report(
                     else None,
                     None if snap is None or snap.valid else (snap.problem or "invalid"),
                     trace.waits if trace else (),
+                    getattr(trace, "cost", 0.0) if trace else 0.0,
+                    getattr(trace, "tokens", 0) if trace else 0,
                 )
             )
         loop_status: LoopStatus = (
@@ -473,6 +537,7 @@ def build_report(
         time_left=loop.timer.remain_time() if loop is not None else None,
         loop_n=loop.loop_n if loop is not None else None,
         step_n=loop.step_n if loop is not None else None,
+        spending=spending_of(loop),
         **extra,
     )
 

@@ -137,7 +137,6 @@ class Journal:
         self._changed = anyio.Event()
         self._task_group: TaskGroup | None = None
         self._poll_scope = anyio.CancelScope()
-        self._uncounted: set[int] = set()  # entries read from disk whose charges no run counted
         self.recorded = 0  # memoized calls made and journaled in this run
         self.replayed = 0  # memoized calls answered from the journal in this run
 
@@ -173,18 +172,17 @@ class Journal:
 
     def _load(self) -> None:
         """Take the journal of every step in progress; remove what completed steps left."""
-        loop = self.loop
         stale: list[str] = []
-        for (li, si), found in read_journal(self.session, self.key).items():
-            self._next_n[(li, si)] = found.next_n
-            if si != loop.step_idx.get(li, 0) or li > loop.loop_idx:
+        for (li, written_at), found in read_journal(self.session, self.key).items():
+            self._next_n[(li, written_at)] = found.next_n
+            si = self._placed(li, written_at, found.entries)
+            if si is None or (li, si) in self._steps:
                 stale += found.paths  # its step completed; a killed run left it behind
                 continue
+            self._next_n[(li, si)] = max(self._next_n.get((li, si), 0), found.next_n)
             step = self._steps[(li, si)] = _Step(paths=found.paths)
             for entry in found.entries:
                 step.entries[(entry.kind, entry.key)] = entry
-                if entry.meta.get("cost") or entry.meta.get("tokens"):
-                    self._uncounted.add(id(entry))
         # answers left while no run went: journaled now, before any step can ask again
         asked = {
             e.meta["id"]: key
@@ -198,6 +196,19 @@ class Journal:
                 self.record_now(*where, entry)
             stale.append(path)
         remove_files(stale)
+
+    def _placed(self, li: int, si: int, entries: list[Entry]) -> int | None:
+        """Where the journal of step ``si`` of loop ``li`` belongs now: at the step the loop
+        stands at, if that is the step the entries were written for (by name: the class may
+        have gained or lost steps since, see ``migrate``), else nowhere (None)."""
+        loop = self.loop
+        now = loop.step_idx.get(li, 0)
+        if li > loop.loop_idx or now >= len(loop.steps):
+            return None
+        written_for = next((e.meta["step"] for e in entries if "step" in e.meta), None)
+        if written_for is None:  # entries of rdagent_loop before step names: by position
+            return si if si == now else None
+        return now if written_for == loop.steps[now] else None
 
     def _open_questions(self) -> None:
         """The questions of the journal that have no answer: open again in this run."""
@@ -213,6 +224,8 @@ class Journal:
     def step_done(self, li: int, si: int, *, loop_done: bool) -> None:
         """Step ``si`` of loop ``li`` completed and its snapshot is on disk: drop its journal."""
         step = self._steps.pop((li, si), None)
+        if step is not None:
+            self._forget_charges(step)
         folders = (loop_folder(self.session, li),) if loop_done and self.on_disk else ()
         if loop_done:
             for key in [k for k in self._next_n if k[0] == li]:
@@ -225,10 +238,20 @@ class Journal:
         """A withdraw rolled loops back: drop the journals of those ``rolled_back`` says."""
         for li, si in [k for k in self._steps if rolled_back(k[0])]:
             step = self._steps.pop((li, si))
+            self._forget_charges(step)
             self._removals.append((step.paths, ()))
         for qid in [q for q, o in self.questions.items() if rolled_back(o.question.loop_idx)]:
             del self.questions[qid]
         self._signal()
+
+    def _forget_charges(self, step: _Step) -> None:
+        """The step's journal is dropped: the session no longer needs to know which of its
+        memoized calls it counted."""
+        counted = self.loop.spending.counted
+        for entry in step.entries.values():
+            uid = entry.meta.get("uid")
+            if uid is not None:
+                counted.discard(uid)
 
     def loops_with_entries(self) -> set[int]:
         return {li for li, _ in self._steps}
@@ -274,6 +297,7 @@ class Journal:
 
     async def record(self, li: int, si: int, entry: Entry) -> None:
         """Journal ``entry`` for step ``si`` of loop ``li``, on disk at the run's durability."""
+        entry = self._named(si, entry)
         n = self._take_n(li, si)
         path = None
         if self.on_disk:
@@ -287,11 +311,16 @@ class Journal:
     def record_now(self, li: int, si: int, entry: Entry) -> None:
         """``record`` for a sync step running on the event loop's thread: it blocks that
         thread anyway, so the entry is written here and now."""
+        entry = self._named(si, entry)
         n = self._take_n(li, si)
         path = None
         if self.on_disk:
             path = write_entry(self.session, li, si, n, encode(entry, self.key), self.durability)
         self._keep(li, si, entry, path)
+
+    def _named(self, si: int, entry: Entry) -> Entry:
+        """``entry`` with the name of its step: a resume with changed steps places it by it."""
+        return Entry(entry.kind, entry.key, entry.data, {**entry.meta, "step": self.loop.steps[si]})
 
     def _take_n(self, li: int, si: int) -> int:
         n = self._next_n.get((li, si), 0)
@@ -413,13 +442,11 @@ class Journal:
 
 
 def _charges(cost: float, tokens: int) -> dict[str, Any]:
-    """A memo entry's meta: the charges made inside the call, journaled with its result."""
-    meta: dict[str, Any] = {}
-    if cost:
-        meta["cost"] = cost
-    if tokens:
-        meta["tokens"] = tokens
-    return meta
+    """A memo entry's meta: the charges made inside the call, journaled with its result,
+    and a uid by which the session's ``spending`` says whether it counted them."""
+    if not cost and not tokens:
+        return {}
+    return {"cost": cost, "tokens": tokens, "uid": secrets.token_hex(8)}
 
 
 def outcome(entry: Entry, timeout: float | None) -> Any:
@@ -452,6 +479,7 @@ class StepJournal:
         "asks",
         "closed",
         "cost",
+        "deferred",
         "is_async",
         "journal",
         "lenders",
@@ -495,6 +523,7 @@ class StepJournal:
         self.asks = 0
         self.cost = 0.0  # charged in this attempt
         self.tokens = 0
+        self.deferred: list[list[Any]] = []  # [cost, tokens] of each memoized call running
         self.closed = False
         self.thread = threading.get_ident()
         self.lenders: list[Lender] = []
@@ -531,29 +560,55 @@ class StepJournal:
         if entry is None:
             return False, None
         journal.replayed += 1
-        if id(entry) in journal._uncounted:
-            journal._uncounted.discard(id(entry))
-            self.charge(entry.meta.get("cost", 0.0), entry.meta.get("tokens", 0))
+        uid = entry.meta.get("uid")
+        if uid is not None and uid not in self.loop.spending.counted:
+            # made in a run killed before a snapshot counted it: counted now, once
+            self._count(entry.meta.get("cost", 0.0), entry.meta.get("tokens", 0), uid)
         return True, entry.value()
 
     def charge(self, cost: float, tokens: int) -> None:
-        """What the step spent: the step's, the run's and the session's totals grow."""
-        self.cost += cost
-        self.tokens += tokens
-        self.journal.run.charge(cost, tokens, self.timing)
+        """What the step spent: the step's, the run's and the session's totals grow; inside
+        a memoized call, once its result is journaled (with them)."""
+        if self.deferred:
+            self.deferred[-1][0] += cost
+            self.deferred[-1][1] += tokens
+        else:
+            self._count(cost, tokens)
 
-    def spent(self) -> tuple[float, int]:
-        return self.cost, self.tokens
+    def _count(self, cost: float, tokens: int, uid: str | None = None) -> None:
+        """Count a charge; with the ``uid`` of the memo entry it came with, in the same
+        instant, so a snapshot holds both or neither."""
+        if uid is not None:
+            self.loop.spending.counted.add(uid)
+        if cost or tokens:
+            self.cost += cost
+            self.tokens += tokens
+            self.journal.run.charge(cost, tokens, self.timing)
+
+    def defer(self) -> None:
+        """A memoized call starts: its charges wait for its entry (``collect``)."""
+        self.deferred.append([0.0, 0])
+
+    def collect(self) -> tuple[float, int]:
+        cost, tokens = self.deferred.pop()
+        return cost, tokens
 
     async def record_memo(self, key: str, data: bytes, cost: float = 0.0, tokens: int = 0) -> None:
-        self._check_open()
-        await self.settle()
+        """Journal a memoized result with its charges, then count them. Shielded: a call
+        that was paid for is journaled, also when the run is being stopped."""
+        if self.closed:  # an abandoned thread: its charges count, nothing is journaled
+            self._count(cost, tokens)
+            return
         entry = Entry(MEMO, key, data, _charges(cost, tokens))
-        await self.journal.record(self.loop_idx, self.step_idx, entry)
+        with anyio.CancelScope(shield=True):
+            await self.settle()
+            await self.journal.record(self.loop_idx, self.step_idx, entry)
+        self._count(cost, tokens, entry.meta.get("uid"))
 
     def record_memo_now(self, key: str, data: bytes, cost: float = 0.0, tokens: int = 0) -> None:
         entry = Entry(MEMO, key, data, _charges(cost, tokens))
         self.journal.record_now(self.loop_idx, self.step_idx, entry)
+        self._count(cost, tokens, entry.meta.get("uid"))
 
     async def ask(self, text: str, payload: Any, limit: float | None, default: Any) -> Any:
         self._check_open()
@@ -643,7 +698,9 @@ class Port(Protocol):
 
     def charge(self, cost: float, tokens: int) -> None: ...
 
-    def spent(self) -> tuple[float, int]: ...
+    def defer(self) -> None: ...
+
+    def collect(self) -> tuple[float, int]: ...
 
 
 class RequestPort:
@@ -651,8 +708,7 @@ class RequestPort:
     ``(True, result)`` or ``(False, exception)``): a worker process's pipe, a Ray mailbox.
     The engine answers with :func:`serve`."""
 
-    cost = 0.0  # charged through this port in this attempt
-    tokens = 0
+    deferred: list[list[Any]] | None = None  # charges of the memoized calls running here
 
     def _call(self, *request: Any) -> Any:
         raise NotImplementedError
@@ -671,12 +727,21 @@ class RequestPort:
         return self._call("ask", text, payload, timeout, default)
 
     def charge(self, cost: float, tokens: int) -> None:
-        self._call("charge", cost, tokens)
-        self.cost += cost
-        self.tokens += tokens
+        if self.deferred:  # inside a memoized call: sent with its result
+            self.deferred[-1][0] += cost
+            self.deferred[-1][1] += tokens
+        else:
+            self._call("charge", cost, tokens)
 
-    def spent(self) -> tuple[float, int]:
-        return self.cost, self.tokens
+    def defer(self) -> None:
+        if self.deferred is None:
+            self.deferred = []
+        self.deferred.append([0.0, 0])
+
+    def collect(self) -> tuple[float, int]:
+        assert self.deferred
+        cost, tokens = self.deferred.pop()
+        return cost, tokens
 
 
 remote_port: Port | None = None
@@ -720,8 +785,11 @@ class _InlinePort:
     def charge(self, cost: float, tokens: int) -> None:
         self.sj.charge(cost, tokens)
 
-    def spent(self) -> tuple[float, int]:
-        return self.sj.spent()
+    def defer(self) -> None:
+        self.sj.defer()
+
+    def collect(self) -> tuple[float, int]:
+        return self.sj.collect()
 
     def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
         sj = self.sj
@@ -754,8 +822,11 @@ class _ThreadPort:
     def charge(self, cost: float, tokens: int) -> None:
         anyio.from_thread.run_sync(self.sj.charge, cost, tokens)
 
-    def spent(self) -> tuple[float, int]:
-        return self.sj.spent()
+    def defer(self) -> None:
+        anyio.from_thread.run_sync(self.sj.defer)
+
+    def collect(self) -> tuple[float, int]:
+        return anyio.from_thread.run_sync(self.sj.collect)
 
     def ask(self, text: str, payload: Any, timeout: float | None, default: Any) -> Any:
         return anyio.from_thread.run(self.sj.ask, text, payload, timeout, default)

@@ -4,12 +4,14 @@ On a terminal it redraws a small block at the bottom of the screen a few times a
 prints finished loops and warnings above it. Elsewhere (a pipe, a log file, CI) it prints
 one plain line per finished step instead, so the output stays readable as a log.
 It reads the run from the outside only: ``StepResult``s and ``Question``s from the stream,
-and the public state of the loop (``step_idx``, ``loop_trace``, ``timer``) and of the run
-(``statistics()``: how many steps wait for an answer, too).
+and the public state of the loop (``step_idx``, ``loop_trace``, ``timer``, ``spending``: the
+money spent, and left of the cost budget) and of the run (``statistics()``: how many steps
+wait for an answer, too).
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from datetime import datetime, timezone
@@ -17,9 +19,10 @@ from typing import TYPE_CHECKING, TextIO
 
 import anyio
 
+from ._budget import Spending
 from ._inspect import summarize
 from ._loops import peek
-from ._timeline import format_seconds
+from ._timeline import format_cost, format_seconds
 
 if TYPE_CHECKING:
     from . import LoopBase, LoopRun, Question, StepResult
@@ -51,11 +54,13 @@ class LiveDisplay:
         interactive: bool,
         step_n: int | None = None,
         loop_n: int | None = None,
+        cost_limit: float | None = None,
         verbose: bool = False,
         answer_with: str | None = None,
     ) -> None:
         """``step_n`` and ``loop_n``: the budgets the run starts with (a resumed session's
         saved ones, or the command line's), until the run has set them on the loop.
+        ``cost_limit``: the run's ``all_cost`` (the session's total that stops it).
         ``answer_with``: the command that answers a question, but for its id and value
         (``rdagent-loop answer <session>``)."""
         self.loop = loop
@@ -65,6 +70,7 @@ class LiveDisplay:
         self.verbose = verbose
         self.started = time.monotonic()
         self._budgets = (step_n, loop_n)
+        self.cost_limit = None if cost_limit is None or math.isinf(cost_limit) else cost_limit
         self.steps_done = 0  # results received: steps completed in this run
         self.finished: set[int] = set()  # loops finished in this run (and not rolled back)
         self.failed: dict[int, int] = {}  # loop -> the step that raised its skip error
@@ -149,6 +155,11 @@ class LiveDisplay:
                 self.message(f"  loop {li}: {self._errors[li][1]}")
             else:
                 seconds = format_seconds(result.duration.total_seconds())
+                if result.cost:
+                    seconds += f", cost {format_cost(result.cost)}"
+                    if self.cost_limit is not None:
+                        seconds += f", {format_cost(self._cost())} of "
+                        seconds += f"{format_cost(self.cost_limit)} spent"
                 self.message(
                     f"  loop {li} {result.step_name} ({seconds}): {summarize(result.output, 110)}"
                 )
@@ -175,6 +186,21 @@ class LiveDisplay:
             f"  loop {question.loop_idx} step {question.step_name} asks: "
             f"{summarize(question.question, 200)}{payload}{how}"
         )
+
+    def _cost(self) -> float:
+        """The session's total spent so far (``loop.spending``, which a withdraw replaces)."""
+        spending = self.loop.__dict__.get("spending")
+        return spending.cost if isinstance(spending, Spending) else 0.0
+
+    def spent(self) -> str:
+        """``spent 1.23 of 5 (3.77 left)``; ``spent 1.23`` without a budget; "" when nothing
+        was spent and there is no budget. The session's total (``loop.spending``)."""
+        cost = self._cost()
+        limit = self.cost_limit
+        if limit is not None:
+            left = format_cost(max(0.0, limit - cost))
+            return f"spent {format_cost(cost)} of {format_cost(limit)} ({left} left)"
+        return f"spent {format_cost(cost)}" if cost else ""
 
     def waiting(self) -> int:
         """Steps (so loops) waiting for an answer now, by the run's statistics."""
@@ -233,6 +259,8 @@ class LiveDisplay:
         elif total is not None and self.steps_done:
             left = elapsed / self.steps_done * max(0, total - self.steps_done)
             parts.append(f"time left ~{_clock(left)}")
+        if spent := self.spent():
+            parts.append(spent)
         if self.failed:
             parts.append(f"{len(self.failed)} failed")
         if self.withdrawals:

@@ -26,11 +26,18 @@ L = TypeVar("L", bound="LoopBase")
 
 # attributes that belong to a live run, never to a snapshot
 _RUNTIME_ATTRS = frozenset(
-    {"_running", "_saved", "_snapshot_unsigned", "_finished_below", "_journal_steps"}
+    {
+        "_running",
+        "_saved",
+        "_snapshot_unsigned",
+        "_finished_below",
+        "_journal_steps",
+        "_placement",  # how load placed the loops on the class's steps (``rdagent-loop check``)
+    }
 )
 
 # what a withdraw keeps of the live loop when it takes a restored snapshot's state
-_LIVE_ATTRS = ("timer", "settings", "session_folder", "step_n", "_running")
+_LIVE_ATTRS = ("timer", "settings", "session_folder", "step_n", "spending", "_running")
 
 
 class LoopMeta(type):
@@ -57,6 +64,11 @@ class LoopMeta(type):
                 f"{name}.skip_loop_error_stepname is {target!r}, which is not a step of "
                 f"{name}; its steps are {steps}"
             )
+        version = getattr(cls, "session_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TypeError(f"{name}.session_version must be an int, got {version!r}")
+        if version < 0:
+            raise ValueError(f"{name}.session_version must be 0 or more, got {version!r}")
         return cls
 
 
@@ -76,6 +88,10 @@ class LoopBase(metaclass=LoopMeta):
 
     EXCEPTION_KEY: ClassVar[str] = "_EXCEPTION"
     LOOP_IDX_KEY: ClassVar[str] = "_LOOP_IDX"
+
+    session_version: ClassVar[int] = 0
+    """The version of this class's saved state: raise it when the state changes in a way
+    ``migrate`` must convert (snapshots record it, with the step names)."""
 
     LoopTerminationError = LoopTerminationError
     LoopResumeError = LoopResumeError
@@ -152,11 +168,14 @@ class LoopBase(metaclass=LoopMeta):
         found, result = sj.lookup(key)
         if found:
             return result
-        cost, tokens = sj.spent()
-        result = await _call(fn, args, kwargs)
-        data = pickle_value(result, f"the result of memo key {key!r}")
-        after_cost, after_tokens = sj.spent()
-        await sj.record_memo(key, data, after_cost - cost, after_tokens - tokens)
+        sj.defer()  # the call's charges go into its entry, counted once it is journaled
+        try:
+            result = await _call(fn, args, kwargs)
+            data = pickle_value(result, f"the result of memo key {key!r}")
+        except BaseException:
+            sj.charge(*sj.collect())  # spent all the same: counted, not journaled
+            raise
+        await sj.record_memo(key, data, *sj.collect())
         return result
 
     def memo_blocking(self, key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -170,11 +189,14 @@ class LoopBase(metaclass=LoopMeta):
         if found:
             return result
         port.prepare()
-        cost, tokens = port.spent()
-        result = fn(*args, **kwargs)
-        data = pickle_value(result, f"the result of memo key {key!r}")
-        after_cost, after_tokens = port.spent()
-        port.record(key, data, after_cost - cost, after_tokens - tokens)
+        port.defer()  # the call's charges go into its entry, counted once it is journaled
+        try:
+            result = fn(*args, **kwargs)
+            data = pickle_value(result, f"the result of memo key {key!r}")
+        except BaseException:
+            port.charge(*port.collect())  # spent all the same: counted, not journaled
+            raise
+        port.record(key, data, *port.collect())
         return result
 
     def charge(self, cost: float = 0.0, *, tokens: int = 0) -> None:
@@ -312,6 +334,12 @@ class LoopBase(metaclass=LoopMeta):
         loaded one; ``checkout=<path>`` continues in ``<path>/__session__`` and leaves the
         old folder as it is. ``replace_timer=True`` keeps the remaining time of
         ``all_duration``; ``False`` starts with a fresh timer.
+
+        Code that changed since the snapshot was saved: a snapshot of an older
+        ``session_version`` goes through :meth:`migrate`, and each loop is placed by the
+        *name* of the step it stands at, so inserting or removing other steps moves no loop.
+        A loop at a step this class no longer has (unless ``migrate`` placed it), or a
+        snapshot of a newer ``session_version``, is a :class:`SnapshotError`.
         """
         # absolute: steps that change the working directory must still find the session
         path = Path(path).absolute()
@@ -356,6 +384,27 @@ class LoopBase(metaclass=LoopMeta):
             # can be loaded before its first step
             loop.dump(new_folder / file.parent.name / file.name)
         return loop
+
+    @classmethod
+    def migrate(
+        cls, state: dict[str, Any], saved_version: int, saved_steps: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """Convert the state of a snapshot saved with an older ``session_version``.
+
+        ``load`` calls it (never for a snapshot of the class's own version) with the loop's
+        ``__dict__`` as saved, the ``session_version`` and the step names of the class that
+        saved it; it returns the state to build the loop from (this one, changed in place,
+        or another). The default returns it unchanged.
+
+        Placing loops: ``state["step_idx"]`` maps each loop to where it stands. As saved,
+        the values are positions in ``saved_steps`` (``len(saved_steps)``: finished).
+        Setting a loop's value to the *name* of one of this class's steps places it there;
+        values left as positions are placed by the name at that position in
+        ``saved_steps``, which must still be a step of this class. To finish a loop, set
+        it to ``len(saved_steps)``. Outputs are keyed by step name: a renamed step's are in
+        ``state["loop_prev_out"][loop][old_name]`` until ``migrate`` moves them.
+        """
+        return state
 
     def _become(self, restored: LoopBase) -> None:
         """Take the state of ``restored``, this loop as a snapshot saved it (a withdraw);

@@ -1,9 +1,10 @@
 """A Gantt chart of a session as a self-contained SVG: where the time went, at a glance.
 
-One row per loop, one bar per finished step, coloured by step; failed steps (skip errors)
-are hatched and outlined in red, and the time a step waited for answers to its questions
-(``loop.ask``) is drawn in a colour of its own. The header says how the time split between
-the steps, and waiting.
+One row per loop, one bar per finished step, coloured by step (or, with ``color_by="cost"``,
+by what it charged: pale for the cheapest step, dark for the dearest); failed steps (skip
+errors) are hatched and outlined in red, and the time a step waited for answers to its
+questions (``loop.ask``) is drawn in a colour of its own. The header says how the time split
+between the steps, and waiting (or, by cost, the range of the scale and the total).
 Long idle stretches (a run stopped and resumed the next day) are cut out of the time axis
 and marked, so the work stays readable. Rows shrink to a few pixels for hundreds of loops;
 hovering a bar shows its loop, step, duration and error. Written by hand: no plotting
@@ -17,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from html import escape
+from typing import Literal
 
 from ._inspect import SessionReport
 
@@ -26,6 +28,10 @@ FAIL = "#D62728"
 WAIT = "#EE7733"  # Paul Tol's "vibrant" orange: no step's colour
 WAITING = "waiting for an answer"
 FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
+# viridis (sequential, colour-blind safe, no red or orange): the cheapest step is the palest
+COST_SCALE = ("#FDE725", "#5EC962", "#21918C", "#3B528B", "#440154")
+FREE = "#DDDDDD"  # a step that charged nothing: off the scale, so the scale spans the rest
+ColorBy = Literal["step", "cost"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +44,8 @@ class Bar:
     error: str | None
     output: str
     waits: tuple[tuple[float, float], ...] = ()  # waiting for answers, within start..end
+    cost: float = 0.0  # what the step charged (``loop.charge``)
+    tokens: int = 0
 
     @property
     def waited(self) -> float:
@@ -55,6 +63,41 @@ def format_seconds(seconds: float) -> str:
     if seconds < 86400:
         return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
     return f"{int(seconds // 86400)}d {int(seconds % 86400 // 3600):02d}h"
+
+
+def format_cost(amount: float) -> str:
+    """``0``, ``0.0042``, ``0.315``, ``12.35``, ``1,234``: an amount in the unit the steps
+    charge in, with the digits that tell amounts apart and none of a float's noise."""
+    if amount == 0:
+        return "0"
+    if amount >= 1000:
+        return f"{amount:,.0f}"
+    if amount >= 1:
+        return f"{amount:.2f}".rstrip("0").rstrip(".")
+    return f"{amount:.3g}"
+
+
+def format_spent(cost: float, tokens: int, limit: float | None = None) -> str:
+    """``1.23 (4,560 tokens) of a budget of 5, 3.77 left``; without a (finite) budget,
+    ``1.23 (4,560 tokens)``."""
+    text = f"{format_cost(cost)} ({tokens:,} tokens)"
+    if limit is not None and not math.isinf(limit):
+        text += f" of a budget of {format_cost(limit)}, {format_cost(max(0.0, limit - cost))} left"
+    return text
+
+
+def cost_colour(fraction: float) -> str:
+    """The colour of :data:`COST_SCALE` at ``fraction`` (0: the cheapest, 1: the dearest)."""
+    fraction = min(1.0, max(0.0, fraction))
+    position = fraction * (len(COST_SCALE) - 1)
+    i = min(int(position), len(COST_SCALE) - 2)
+    a, b = COST_SCALE[i], COST_SCALE[i + 1]
+    t = position - i
+    channels = (
+        round(int(a[k : k + 2], 16) + (int(b[k : k + 2], 16) - int(a[k : k + 2], 16)) * t)
+        for k in (1, 3, 5)
+    )
+    return "#" + "".join(f"{c:02X}" for c in channels)
 
 
 def _plural(count: int, noun: str) -> str:
@@ -81,6 +124,8 @@ def bars_of(report: SessionReport) -> tuple[list[Bar], datetime | None]:
                     s.error,
                     s.output,
                     _waits(s.waits, t0, s.started_at, s.ended_at),
+                    s.cost,
+                    s.tokens,
                 )
             )
     return bars, t0
@@ -143,6 +188,15 @@ class _Axis:
         return self.t_end - sum(e - s for s, e in self.gaps)
 
 
+def _cost_gradient() -> str:
+    """The legend's swatch of the cost scale, left (cheapest) to right (dearest)."""
+    last = len(COST_SCALE) - 1
+    stops = "".join(
+        f'<stop offset="{i / last:.2f}" stop-color="{c}"/>' for i, c in enumerate(COST_SCALE)
+    )
+    return f'<linearGradient id="cost-scale" x1="0" y1="0" x2="1" y2="0">{stops}</linearGradient>'
+
+
 def _nice_step(seconds: float, ticks: int) -> float:
     raw = max(seconds / max(ticks, 1), 1e-3)
     for unit in (0.001, 0.01, 0.1, 1, 10, 60, 600, 3600, 36000, 86400):
@@ -164,11 +218,33 @@ def _tick_label(seconds: float, step: float) -> str:
     return f"{h}h" if rest == 0 else f"{h}h{rest // 60:02d}m"
 
 
-def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = None) -> str:
-    """The timeline of ``report`` as an SVG document."""
+def render_svg(
+    report: SessionReport,
+    *,
+    width: int = 1200,
+    title: str | None = None,
+    color_by: ColorBy = "step",
+) -> str:
+    """The timeline of ``report`` as an SVG document; ``color_by="cost"`` colours each step
+    by what it charged, on a scale from the cheapest step to the dearest."""
+    if color_by not in ("step", "cost"):
+        raise ValueError(f"color_by must be 'step' or 'cost', got {color_by!r}")
     bars, t0 = bars_of(report)
     steps = list(report.steps) or sorted({b.step_name for b in bars})
     colour = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(steps)}
+    by_cost = color_by == "cost"
+    charged = [b.cost for b in bars if b.cost > 0]
+    cheapest, dearest = min(charged, default=0.0), max(charged, default=0.0)
+
+    def fill_of(b: Bar) -> str:
+        if not by_cost:
+            return colour.get(b.step_name, "#888")
+        if b.cost <= 0:
+            return FREE
+        if dearest <= cheapest:  # one price for every step that charged: one colour
+            return COST_SCALE[-1]
+        return cost_colour((b.cost - cheapest) / (dearest - cheapest))
+
     loops = [row.loop_idx for row in report.loops if any(s.started_at for s in row.steps)]
     unfinished = {row.loop_idx for row in report.loops if row.status != "finished"}
     row_of = {li: i for i, li in enumerate(loops)}
@@ -187,16 +263,35 @@ def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = 
     busy = (sum(per_step.values()) + waited) or 1.0
     failed = sum(1 for b in bars if b.error)
     wall = max((b.end for b in bars), default=0.0)
-    legend: list[tuple[str, str, str]] = [
-        (colour[name], name, f"{per_step[name] / busy:.0%} · {format_seconds(per_step[name])}")
-        for name in steps
-    ]
+    # (fill, name, what it stands for, width of the swatch)
+    legend: list[tuple[str, str, str, float]]
+    if by_cost:
+        if not charged:
+            scale = "no step charged anything"
+        elif dearest > cheapest:
+            scale = f"{format_cost(cheapest)} (cheapest) → {format_cost(dearest)} (dearest)"
+        else:
+            scale = f"{format_cost(dearest)} for every step that charged"
+        legend = [("url(#cost-scale)", "cost per step", scale, 120.0)]
+        free = sum(1 for b in bars if b.cost <= 0)
+        if free and charged:
+            legend.append((FREE, "no charge", _plural(free, "step"), 18.0))
+    else:
+        legend = [
+            (
+                colour[name],
+                name,
+                f"{per_step[name] / busy:.0%} · {format_seconds(per_step[name])}",
+                18.0,
+            )
+            for name in steps
+        ]
     if waited:
-        legend.append((WAIT, WAITING, f"{waited / busy:.0%} · {format_seconds(waited)}"))
-    legend_rows: list[list[tuple[float, tuple[str, str, str]]]] = [[]]
+        legend.append((WAIT, WAITING, f"{waited / busy:.0%} · {format_seconds(waited)}", 18.0))
+    legend_rows: list[list[tuple[float, tuple[str, str, str, float]]]] = [[]]
     x = left
     for item in legend:
-        w = 26 + 7.2 * (len(item[1]) + len(item[2]) + 1) + 18
+        w = item[3] + 8 + 7.2 * (len(item[1]) + len(item[2]) + 1) + 18
         if x + w > width - right and legend_rows[-1]:
             legend_rows.append([])
             x = left
@@ -218,7 +313,8 @@ def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = 
         'patternTransform="rotate(45)">'
         f'<rect width="6" height="6" fill="{FAIL}" fill-opacity="0.25"/>'
         f'<line x1="0" y1="0" x2="0" y2="6" stroke="{FAIL}" stroke-width="3"/></pattern>'
-        "</defs>"
+        + (_cost_gradient() if by_cost else "")
+        + "</defs>"
     )
     add(f'<rect width="{width}" height="{height}" fill="#ffffff"/>')
     name = title or f"{report.loop_class or 'session'} — {report.trace_path.name}"
@@ -234,18 +330,21 @@ def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = 
     )
     if waited:
         stats += f" · {format_seconds(waited)} of it waiting for answers"
+    if by_cost:
+        tokens = sum(b.tokens for b in bars)
+        stats += f" · cost {format_cost(sum(b.cost for b in bars))} ({tokens:,} tokens)"
     if axis.gaps:
         stats += f" · {len(axis.gaps)} idle gap{'s' if len(axis.gaps) > 1 else ''} cut out"
     add(f'<text x="{left}" y="44" fill="#444">{escape(stats)}</text>')
     ly = 64.0
     for legend_row in legend_rows:
-        for lx, (fill, step_name, share) in legend_row:
+        for lx, (fill, step_name, share, swatch) in legend_row:
             add(
-                f'<rect x="{lx:.1f}" y="{ly - 10:.1f}" width="18" height="12" rx="2" '
+                f'<rect x="{lx:.1f}" y="{ly - 10:.1f}" width="{swatch:g}" height="12" rx="2" '
                 f'fill="{fill}"/>'
             )
             add(
-                f'<text x="{lx + 24:.1f}" y="{ly:.1f}"><tspan font-weight="bold">'
+                f'<text x="{lx + swatch + 6:.1f}" y="{ly:.1f}"><tspan font-weight="bold">'
                 f"{escape(step_name)}"
                 f'</tspan> <tspan fill="#555">{escape(share)}</tspan></text>'
             )
@@ -321,14 +420,15 @@ def render_svg(report: SessionReport, *, width: int = 1200, title: str | None = 
         tip = f"loop {b.loop_idx} · {b.step_name} · {format_seconds(b.end - b.start)}"
         if b.waited:
             tip += f" ({format_seconds(b.waited)} {WAITING})"
+        if by_cost:
+            tip += f" · cost {format_cost(b.cost)} ({b.tokens:,} tokens)"
         if b.error:
             tip += f"\nfailed: {b.error}"
         elif b.output:
             tip += f"\n{b.output}"
         add(f"<g><title>{escape(tip)}</title>")
         add(
-            f'<rect x="{x0:.2f}" y="{y:.2f}" width="{w:.2f}" height="{h:.2f}" '
-            f'fill="{colour.get(b.step_name, "#888")}"/>'
+            f'<rect x="{x0:.2f}" y="{y:.2f}" width="{w:.2f}" height="{h:.2f}" fill="{fill_of(b)}"/>'
         )
         for ws, we in b.waits:
             wx0, wx1 = axis.x(ws), axis.x(we)

@@ -219,3 +219,72 @@ def test_a_bad_all_cost_is_refused_at_the_call(settings: LoopSettings, all_cost:
     with pytest.raises(ValueError, match=f"all_cost must be a .*got {all_cost!r}"):
         loop.run(all_cost=all_cost)
     assert not Path(settings.trace_path).exists()  # nothing ran, nothing written
+
+
+class SiblingsCharge(LoopBase):
+    """Loop 1's ``think`` charges 1.0 inside a memoized call, then waits (the run is
+    stopped there); loop 0's ``record`` waits for that charge, so loop 0's last snapshot,
+    written after it, holds it."""
+
+    async def think(self, prev_out: dict[str, Any]) -> Any:
+        li = prev_out[self.LOOP_IDX_KEY]
+        value = await self.memo("model", self._model, li)
+        trace = Path(self.settings.trace_path)
+        if li == 1 and not (trace / "go").exists():
+            (trace / "loop 1 charged").write_text("x")
+            await anyio.sleep_forever()
+        return value
+
+    async def record(self, prev_out: dict[str, Any]) -> Any:
+        trace = Path(self.settings.trace_path)
+        while not (trace / "loop 1 charged").exists():
+            await anyio.sleep(0.01)
+        return prev_out["think"]
+
+    async def _model(self, li: int) -> str:
+        self.charge(1.0, tokens=1)
+        return f"answer {li}"
+
+
+async def test_a_memo_charge_saved_by_a_sibling_snapshot_is_not_counted_again(
+    settings: LoopSettings,
+) -> None:
+    settings = settings.model_copy(update={"step_semaphore": 2})
+    trace = Path(settings.trace_path)
+    loop = SiblingsCharge(settings=settings)
+    with anyio.fail_after(60):
+        async with loop.run(loop_n=2) as results:
+            async for item in results:
+                if (item.loop_idx, item.step_name) == (0, "record"):
+                    break  # loop 0 is saved finished, its snapshot holds loop 1's charge
+    (trace / "go").write_text("go")
+    resumed = SiblingsCharge.load(settings.trace_path)
+    assert resumed.spending.cost == 2.0
+    summary = await resumed.run(loop_n=1)  # loop 1, unfinished, is that one
+    assert summary.replayed == 1 and summary.loops == 1
+    assert resumed.spending.cost == 2.0  # spent twice in all, counted twice in all
+    assert resumed.spending.counted == set()  # forgotten once the step completed
+
+
+class WithdrawAfterCharge(LoopBase):
+    withdraw_loop_error = (LookupError,)
+
+    async def propose(self, prev_out: dict[str, Any]) -> Any:
+        self.charge(1.0)
+        return "idea"
+
+    async def coding(self, prev_out: dict[str, Any]) -> Any:
+        self.charge(2.0)
+        withdrawn = Path(self.settings.trace_path) / "withdrawn"  # not in self: rolled back
+        if not withdrawn.exists():
+            withdrawn.write_text("once")
+            raise LookupError("roll back")
+        return "code"
+
+
+async def test_a_withdraw_does_not_roll_back_what_was_spent(settings: LoopSettings) -> None:
+    loop = WithdrawAfterCharge(settings=settings)
+    summary = await loop.run(loop_n=1)
+    # propose 1 + coding 2 (withdrawn), then propose 1 + coding 2 again: all spent
+    assert summary.cost == 6.0
+    assert loop.spending.cost == 6.0

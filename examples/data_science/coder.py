@@ -133,6 +133,22 @@ class FakeLLM:
         return CodeArtifact(loop_idx, {"main.py": code})
 
 
+# what the simulated model bills, like a hosted model's list prices (US dollars)
+PRICE_PER_PROMPT_TOKEN = 3.0 / 1_000_000
+PRICE_PER_COMPLETION_TOKEN = 15.0 / 1_000_000
+INSTRUCTION_TOKENS = 1500  # the competition, the data's description, the answer's format
+
+
+def model_bill(args: tuple[Any, ...], answer: Any) -> tuple[float, int]:
+    """What one model call costs, and its tokens: about four characters a token, the prompt
+    (the instructions and the call's arguments) and the answer (a proposal, or the code of a
+    training script), plus the model's reasoning."""
+    prompt = INSTRUCTION_TOKENS + len(repr(args)) // 4
+    completion = 200 + len(repr(answer)) // 4
+    cost = prompt * PRICE_PER_PROMPT_TOKEN + completion * PRICE_PER_COMPLETION_TOKEN
+    return cost, prompt + completion
+
+
 _PLANS: dict[int, list[tuple[dict[str, Any], str]]] = {}  # seed -> loop -> (config, why)
 
 

@@ -18,10 +18,12 @@ Every loop is RD-Agent's cycle:
 Every model call is memoized (``memo`` / ``memo_blocking``): a step run again before it
 completed (after Ctrl-C, a crash, the deadline) gets the answers it already paid for from the
 session's journal, and ``llm_calls.jsonl`` shows only the calls really made. After a resume
-the demo says how many calls the run replayed (:func:`watch_runs`).
+the demo says how many calls the run replayed (:func:`watch_runs`). Each call charges what a
+real model would bill for its tokens (``self.charge`` inside the memoized call, so a replayed
+answer is not billed again; :func:`.coder.model_bill`), in US dollars: ``--cost`` caps it.
 
 Run it with ``python -m rdagent_loop demo`` or ``rdagent-loop run
-examples.data_science.loop:DataScienceLoop --loop-n 8 --parallel 3``.
+examples.data_science.loop:DataScienceLoop --loop-n 8 --parallel 3 --cost 0.5``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import anyio
 
 from rdagent_loop import LoopBase, LoopRun, LoopSettings
 
-from .coder import CodeArtifact, FakeLLM, Proposal, describe
+from .coder import CodeArtifact, FakeLLM, Proposal, describe, model_bill
 from .dataset import write_dataset
 
 
@@ -164,18 +166,29 @@ class DataScienceLoop(LoopBase):
         step_n: int | None = None,
         loop_n: int | None = None,
         all_duration: str | float | timedelta | None = None,
+        all_cost: float | None = None,
     ) -> LoopRun:
         """``LoopBase.run``; the handle also goes to the :func:`watch_runs` block around it."""
-        handle = super().run(step_n=step_n, loop_n=loop_n, all_duration=all_duration)
+        handle = super().run(
+            step_n=step_n, loop_n=loop_n, all_duration=all_duration, all_cost=all_cost
+        )
         watchers = _watchers.get()
         if watchers is not None:
             watchers.append(handle)
         return handle
 
     async def _think(self, call: Callable[..., Any], *args: Any) -> Any:
-        """A model call: the model thinks for ``llm_latency`` seconds, then answers."""
+        """A model call: the model thinks for ``llm_latency`` seconds, then answers (and
+        bills it)."""
         await anyio.sleep(self.llm_latency)
-        return call(*args)
+        return self._answer(call, *args)
+
+    def _answer(self, call: Callable[..., Any], *args: Any) -> Any:
+        """The model answers ``call(*args)``, and the step is charged for its tokens."""
+        answer = call(*args)
+        cost, tokens = model_bill(args, answer)
+        self.charge(cost, tokens=tokens)
+        return answer
 
     # -- the steps ------------------------------------------------------------------------
 
@@ -197,7 +210,9 @@ class DataScienceLoop(LoopBase):
         """Write the training script into the loop's workspace; it must compile."""
         li = prev_out[self.LOOP_IDX_KEY]
         proposal: Proposal = prev_out["direct_exp_gen"]
-        artifact: CodeArtifact = self.memo_blocking("code", self._llm().write_code, li, proposal)
+        artifact: CodeArtifact = self.memo_blocking(
+            "code", self._answer, self._llm().write_code, li, proposal
+        )
         script = artifact.materialize(self._workspace(li))
         try:
             compile(script.read_text(), str(script), "exec")

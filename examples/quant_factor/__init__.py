@@ -11,6 +11,7 @@ from .loop import FactorLoop as FactorLoop
 from .loop import FactorProposal as FactorProposal
 from .loop import FactorRecord as FactorRecord
 from .loop import FactorRejectedError as FactorRejectedError
+from .loop import model_bill as model_bill
 from .loop import model_calls as model_calls
 from .loop import read_review as read_review
 
@@ -22,6 +23,7 @@ __all__ = (
     "FactorProposal",
     "FactorRecord",
     "FactorRejectedError",
+    "model_bill",
     "model_calls",
     "read_review",
 )

@@ -2,6 +2,7 @@
 
     python -m examples.quant_factor --ask --loop-n 5        # approve, edit or reject each factor
     python -m examples.quant_factor --resume                 # continue the session after a stop
+    python -m examples.quant_factor --cost 0.02              # stop once $0.02 is spent
 
 Run it from the repository root, so that ``examples`` is importable. Without ``--ask`` it is
 the plain loop (``rdagent-loop run examples.quant_factor:FactorLoop`` runs it too, with a
@@ -84,6 +85,11 @@ async def _drive(
 @click.option("--loop-n", type=click.IntRange(min=0), help="Loops to admit (default: 5).")
 @click.option("--step-n", type=click.IntRange(min=0), help="Stop after this many steps.")
 @click.option("--timeout", callback=_duration, metavar="DURATION", help="Stop after 90s, 30m...")
+@click.option(
+    "--cost",
+    type=click.FloatRange(min=0),
+    help="Stop once the model calls have cost this much, in dollars (the session's total).",
+)
 @click.option("--parallel", type=click.IntRange(min=1), help="Loops in flight (default: 1).")
 @click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio")
 @click.option(
@@ -107,6 +113,7 @@ def main(
     loop_n: int | None,
     step_n: int | None,
     timeout: timedelta | None,
+    cost: float | None,
     parallel: int | None,
     backend: str,
     trace_path: Path,
@@ -138,9 +145,9 @@ def main(
             )
         settings = LoopSettings(trace_path=trace, progress=False, step_semaphore=parallel or 1)
         loop = FactorLoop(settings, seed=seed, llm_latency=llm_latency, ask_person=bool(ask))
-        if loop_n is None and step_n is None and timeout is None:
+        if loop_n is None and step_n is None and timeout is None and cost is None:
             loop_n = 5
-    run = loop.run(step_n=step_n, loop_n=loop_n, all_duration=timeout)
+    run = loop.run(step_n=step_n, loop_n=loop_n, all_duration=timeout, all_cost=cost)
     click.echo(
         f"{'resuming' if resume else 'running'} the factor loop in {trace_path}, "
         f"{loop.settings.max_parallel} in parallel, on {backend}"
@@ -164,9 +171,16 @@ def main(
             f"{len(open_questions)} question(s) still open: answer them now with rdagent-loop "
             f"answer {trace_path} ID JSON, and the resume takes the answers at once"
         )
+    spending = loop.spending
+    if spending.cost:
+        limit = f" of ${spending.limit:g}" if spending.limit not in (None, float("inf")) else ""
+        click.echo(f"the model calls of the session cost ${spending.cost:.4f}{limit}")
     if stopped or (summary is not None and summary.reason != "loop_n"):
         if list_snapshots(trace / "__session__"):
-            click.echo(f"resume with: {COMMAND} --resume --trace-path {trace_path}")
+            more = ""
+            if summary is not None and summary.reason == "all_cost":
+                more = f" --cost {2 * max(spending.limit or 0.0, spending.cost):.2g}"
+            click.echo(f"resume with: {COMMAND} --resume --trace-path {trace_path}{more}")
         else:
             click.echo(
                 "no step completed, so there is nothing to resume: run the same command again "

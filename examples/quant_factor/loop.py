@@ -18,11 +18,15 @@ Every loop:
 Every model call is memoized (``memo`` / ``memo_blocking``): a step run again before it
 completed (a crash, Ctrl-C, the deadline, a question still open when the run stopped) gets
 the journaled answer instead of paying for the call twice. The "LLM" logs each call it
-really makes to ``llm_calls.jsonl`` beside the session (:func:`model_calls` reads it).
+really makes to ``llm_calls.jsonl`` beside the session (:func:`model_calls` reads it), and
+each call charges what a real model would bill for it (``self.charge``, inside the memoized
+call: a replayed answer is not billed again; :func:`model_bill`), in US dollars, so
+``--cost`` caps what a session may spend.
 
 It runs under asyncio and trio alike::
 
     rdagent-loop run examples.quant_factor:FactorLoop --loop-n 10 --parallel 2 --backend trio
+    rdagent-loop run examples.quant_factor:FactorLoop --cost 0.05   # until $0.05 is spent
     python -m examples.quant_factor --ask --loop-n 5     # a person approves every factor
 """
 
@@ -180,6 +184,22 @@ def _nudge_windows(rng: random.Random, expression: str) -> str:
     return re.sub(r"(?<=, )\d+(?=\))", nudge, expression)
 
 
+# what the simulated model bills, like a hosted model's list prices (US dollars)
+PRICE_PER_PROMPT_TOKEN = 3.0 / 1_000_000
+PRICE_PER_COMPLETION_TOKEN = 15.0 / 1_000_000
+INSTRUCTION_TOKENS = 900  # the scenario, the expression language and the answer's format
+
+
+def model_bill(args: tuple[Any, ...], answer: Any) -> tuple[float, int]:
+    """What one model call costs, and its tokens: about four characters a token, the prompt
+    (the instructions and the call's arguments: the best factor, the factors tried) and the
+    answer, plus the model's reasoning."""
+    prompt = INSTRUCTION_TOKENS + len(repr(args)) // 4
+    completion = 120 + len(repr(answer)) // 4
+    cost = prompt * PRICE_PER_PROMPT_TOKEN + completion * PRICE_PER_COMPLETION_TOKEN
+    return cost, prompt + completion
+
+
 def model_calls(trace_path: str | Path) -> list[dict[str, Any]]:
     """The calls the "LLM" really made in the session at ``trace_path``, oldest first."""
     log = Path(trace_path) / "llm_calls.jsonl"
@@ -276,9 +296,16 @@ class FactorLoop(LoopBase):
         return FactorLLM(self.seed, self.mistake_rate, self.trace_folder / "llm_calls.jsonl")
 
     async def _think(self, call: Callable[..., Any], *args: Any) -> Any:
-        """A model call: it takes ``llm_latency`` seconds, then answers."""
+        """A model call: it takes ``llm_latency`` seconds, then answers (and bills it)."""
         await anyio.sleep(self.llm_latency)
-        return call(*args)
+        return self._answer(call, *args)
+
+    def _answer(self, call: Callable[..., Any], *args: Any) -> Any:
+        """The model answers ``call(*args)``, and the step is charged for its tokens."""
+        answer = call(*args)
+        cost, tokens = model_bill(args, answer)
+        self.charge(cost, tokens=tokens)
+        return answer
 
     async def propose(self, prev_out: dict[str, Any]) -> FactorProposal:
         li = prev_out[self.LOOP_IDX_KEY]
@@ -326,7 +353,7 @@ class FactorLoop(LoopBase):
         """Have the factor implemented; check it; return its (checked) expression."""
         li = prev_out[self.LOOP_IDX_KEY]
         proposal: FactorProposal = prev_out["propose"]
-        code = self.memo_blocking("implement", self._llm().implement, li, proposal)
+        code = self.memo_blocking("implement", self._answer, self._llm().implement, li, proposal)
         try:
             parse(proposal.expression)
         except FactorSyntaxError as exc:

@@ -175,6 +175,8 @@ class SnapshotJob:
     per_loop: list[str] = field(default_factory=list)
     record_blobs: dict[str, bytes] = field(default_factory=dict)
     written_at: tuple[int, int] = (0, 0)
+    session_version: int = 0
+    """The class's ``session_version``, recorded with its ``steps`` (see ``_placement``)."""
 
     @property
     def nbytes(self) -> int:
@@ -234,6 +236,7 @@ class SnapshotJob:
             "engine": ENGINE_VERSION,
             "cls": self.cls,
             "steps": self.steps,
+            "session_version": self.session_version,
             "written_at_ns": self.written_at[0],
             "seq": self.written_at[1],
             "stub_size": len(self.stub),
@@ -325,6 +328,7 @@ def make_job(
         path=target,
         cls=qualified_name(type(obj)),
         steps=list(getattr(type(obj), "steps", ())),
+        session_version=int(getattr(type(obj), "session_version", 0)),
         durability=durability,
         key=key,
         stub=pickle.dumps(_Stub(target), protocol=PROTOCOL),

@@ -3,7 +3,8 @@
 Order of checks: the footer and manifest (format, signature), the file's checksum, every
 chunk, blob and page it points at (each against its SHA-256), the loop class (imported by
 name only now), and last the unpickling itself, whose import errors become a
-``SnapshotError`` naming the snapshot, the class and what is missing.
+``SnapshotError`` naming the snapshot, the class and what is missing. The state is then
+migrated and its loops placed on the class's steps by name (``_placement.py``).
 
 ``assemble`` is what a plain ``pickle.load`` of a step file calls (see ``_format.py``).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copyreg
 import hashlib
 import importlib
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -34,6 +36,9 @@ from ._format import (
     signing_key,
 )
 from ._pages import LoopPages, PageEntry, PageRef, parse_page
+from ._placement import Placement, place
+
+log = logging.getLogger("rdagent_loop")
 
 _FACTORIES: dict[str, Callable[[], Any]] = {
     "step_idx": int,
@@ -167,11 +172,36 @@ class Verified:
                 f"{snapshot.path} holds a snapshot of {snapshot.manifest.cls}, but {where} "
                 f"cannot be rebuilt: {exc} (was a module or class it uses renamed or moved?)"
             ) from exc
+        state, placement = place(cls, state, snapshot.manifest, snapshot.path)
         obj = instantiate(cls, state)
-        folder = snapshot.session
-        if folder is not None and isinstance(getattr(obj, "__dict__", None), dict):
-            obj.__dict__["_saved"] = snapshot._seed(folder, self.store, self.pages)
+        if isinstance(getattr(obj, "__dict__", None), dict):
+            obj.__dict__["_placement"] = placement
+            folder = snapshot.session
+            # after a migration or a change of steps the loops' records are not the ones
+            # stored (finished loops among them): the next snapshot writes them all again
+            if folder is not None and not (placement.migrated or placement.steps_changed):
+                obj.__dict__["_saved"] = snapshot._seed(folder, self.store, self.pages)
+        if placement.migrated or placement.moved:
+            _log_placement(snapshot.path, placement)
         return obj
+
+
+def _log_placement(path: Path, placement: Placement) -> None:
+    what = []
+    if placement.migrated:
+        what.append(
+            f"migrated from session_version {placement.saved_version} to {placement.version}"
+        )
+    if placement.moved:
+        what.append(
+            "loops placed by step name: "
+            + ", ".join(
+                f"{m.loop_idx} at {m.step!r}" if m.step else f"{m.loop_idx} finished"
+                for m in placement.moved[:8]
+            )
+            + (", ..." if len(placement.moved) > 8 else "")
+        )
+    log.info("loaded %s into %s: %s", path, placement.cls, "; ".join(what))
 
 
 def instantiate(cls: type, state: Any) -> Any:

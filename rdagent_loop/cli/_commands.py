@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from .. import Question, __version__, answer, parse_duration, pending_questions
+from .._budget import check_amount
 from .._inspect import (
     SessionError,
     SessionPaths,
@@ -24,7 +25,7 @@ from .._inspect import (
     session_paths,
 )
 from .._session import qualified_name
-from .._timeline import render_svg
+from .._timeline import ColorBy, render_svg
 from ._demo import import_demo, run_demo
 from ._driver import RunOptions, require_backend
 from ._messages import CliError, error_line, plural, prog, shown
@@ -43,6 +44,17 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         return parse_duration(value, name=f"--{param.name}")
     except ValueError as exc:
         raise click.BadParameter(str(exc).replace(f"--{param.name} ", ""), ctx, param) from None
+
+
+def _cost(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return check_amount(float(value), "--cost", infinite=True)
+    except ValueError:
+        raise click.BadParameter(
+            f"must be a number >= 0 (or inf, for no limit), got {value!r}", ctx, param
+        ) from None
 
 
 def _run_options(func: F) -> F:
@@ -67,6 +79,13 @@ def _run_options(func: F) -> F:
             callback=_duration,
             metavar="DURATION",
             help="Stop after this long: 90s, 30m, 2h, 1d or seconds.",
+        ),
+        click.option(
+            "--cost",
+            callback=_cost,
+            metavar="AMOUNT",
+            help="Stop once the steps have charged this much (loop.charge): the session's "
+            "total, so what earlier runs spent counts; inf for no limit.",
         ),
         click.option(
             "--parallel",
@@ -217,8 +236,8 @@ def resume_command(
 @_class_option
 @_debug_option
 def inspect_command(session: Path, as_json: bool, loop_class: str | None) -> int:
-    """Show every loop x step of SESSION: status, duration, result, errors, corrupt snapshots,
-    and the steps in progress: the questions they wait on, the calls they memoized."""
+    """Show every loop x step of SESSION: status, duration, cost, result, errors, corrupt
+    snapshots, and the steps in progress: the questions they wait on, the calls they memoized."""
     try:
         report, _ = read_session(session, loop_class)
     except SessionError as exc:
@@ -244,19 +263,32 @@ def inspect_command(session: Path, as_json: bool, loop_class: str | None) -> int
 )
 @click.option("--width", type=click.IntRange(600, 20000), default=1200, show_default=True)
 @click.option("--title", help="A title instead of the class and folder name.")
+@click.option(
+    "--color-by",
+    type=click.Choice(["step", "cost"]),
+    default="step",
+    show_default=True,
+    help="Colour each step by its name, or by what it charged (pale: cheapest, dark: dearest).",
+)
 @_class_option
 @_debug_option
 def timeline(
-    session: Path, output: Path, width: int, title: str | None, loop_class: str | None
+    session: Path,
+    output: Path,
+    width: int,
+    title: str | None,
+    color_by: ColorBy,
+    loop_class: str | None,
 ) -> int:
-    """Draw every step of every loop of SESSION over time: where the time went."""
+    """Draw every step of every loop of SESSION over time: where the time went (or, with
+    --color-by cost, the money)."""
     try:
         report, loop = read_session(session, loop_class)
     except SessionError as exc:
         raise CliError(str(exc)) from exc
     if loop is None and report.problem is not None:
         raise CliError(f"cannot chart {shown(session)}: {report.problem}")
-    svg = render_svg(report, width=width, title=title)
+    svg = render_svg(report, width=width, title=title, color_by=color_by)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".png":
         write_png(svg, output)
@@ -377,6 +409,63 @@ def answer_command(session: Path, question_id: str, value: Any, loop_class: str 
         f"answered {question_id} (loop {asked.loop_idx} step {asked.step_idx} "
         f"{asked.step_name}: {asked.question!r}) with {json.dumps(value)}"
     )
+    return 0
+
+
+@cli.command("check")
+@click.argument("session", type=click.Path(path_type=Path))
+@_class_option
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Check every snapshot (a resume from a file, or a withdraw, may go back to any).",
+)
+@_debug_option
+def check_command(session: Path, loop_class: str | None, every: bool) -> int:
+    """Say what a resume of SESSION would do with today's code, changing nothing: the
+    migration it applies (session_version), the steps inserted, removed or renamed since
+    it was saved, and the step each unfinished loop continues at.
+
+    Loads the newest valid snapshot (or SESSION itself when it names one, or every one
+    with --all). Exit status 1 when one would not load, with the reason.
+    """
+    from ._check import account, check, groups, short, snapshots_to_check, today
+
+    try:
+        paths = session_paths(session)
+        infos, notes = snapshots_to_check(paths, every)
+    except SessionError as exc:
+        raise CliError(str(exc)) from exc
+    folder = paths.session_folder
+    checked = [check(paths, info, loop_class) for info in infos]
+    failed = [c for c in checked if c.loop is None]
+    name, steps = today(checked, paths, loop_class)
+    if not every:
+        (c,) = checked
+        for text in c.warnings:
+            click.echo(f"  warning: {text}", err=True)
+        for line in account(c, folder, steps):
+            click.echo(line)
+        for note in notes:
+            click.echo(f"  note: {note}")
+        if c.problem is not None:
+            raise CliError(f"a resume of {shown(paths.trace_path)} would fail: {c.problem}")
+        return 0
+    click.echo(
+        f"{plural(len(checked), 'snapshot')} of {shown(paths.trace_path)}, with today's "
+        f"{name or 'code'}" + (f" (steps {', '.join(steps)})" if steps else "")
+    )
+    for line in groups(checked):
+        click.echo(f"  {line}")
+    for c in checked:
+        click.echo(f"  {short(c, folder)}")
+    if failed:
+        raise CliError(
+            f"{len(failed)} of {plural(len(checked), 'snapshot')} of "
+            f"{shown(paths.trace_path)} would not load with today's code"
+        )
+    click.echo(f"all {plural(len(checked), 'snapshot')} load with today's code")
     return 0
 
 

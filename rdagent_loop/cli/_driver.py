@@ -3,7 +3,8 @@
 The run goes under the chosen backend with the live display beside it; the first Ctrl-C
 (or SIGTERM) cancels it, which stops in-flight steps and keeps every saved one. A question
 a step asks (``loop.ask``) is shown with the command that answers it from another shell.
-The last lines say what happened and what to type next, and the exit status tells scripts.
+The last lines say what happened, what the steps spent (``loop.charge``) against the cost
+budget, and what to type next; the exit status tells scripts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import signal
 import sys
 import time
@@ -35,10 +37,10 @@ from .. import (
     pending_questions,
 )
 from .._budget import carry_budgets
-from .._inspect import META_FILE
+from .._inspect import META_FILE, spending_of
 from .._live import LiveDisplay
 from .._session._lock import remove_lock
-from .._timeline import format_seconds
+from .._timeline import format_cost, format_seconds, format_spent
 from ._messages import CliError, error_line, plural, prog, shown
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -55,6 +57,8 @@ class RunOptions:
     backend: str
     no_progress: bool
     verbose: bool
+    cost: float | None = None
+    """``--cost``: the session's ``all_cost`` budget (what earlier runs spent counts)."""
 
 
 @dataclass
@@ -140,6 +144,8 @@ def run_with_display(loop: LoopBase, options: RunOptions, *, debug: bool) -> int
     """Run ``loop`` with a live display; report how it ended; return the exit status."""
     # the budgets the run starts with, by the engine's own rule: for the display's totals
     step_n, loop_n = carry_budgets(loop, step_n=options.step_n, loop_n=options.loop_n)
+    before = spending_of(loop)
+    cost_limit = options.cost if options.cost is not None or before is None else before.limit
     interactive = sys.stderr.isatty() and not options.no_progress
     display = LiveDisplay(
         loop,
@@ -147,6 +153,7 @@ def run_with_display(loop: LoopBase, options: RunOptions, *, debug: bool) -> int
         interactive=interactive,
         step_n=step_n,
         loop_n=loop_n,
+        cost_limit=cost_limit,
         verbose=options.verbose,
         answer_with=f"{prog()} answer {shown(loop.session_folder.parent)}",
     )
@@ -160,6 +167,8 @@ def run_with_display(loop: LoopBase, options: RunOptions, *, debug: bool) -> int
     kwargs: dict[str, Any] = {"loop_n": options.loop_n, "step_n": options.step_n}
     if options.timeout is not None:
         kwargs["all_duration"] = options.timeout
+    if options.cost is not None:
+        kwargs["all_cost"] = options.cost
     started = time.monotonic()
     try:
         with warnings.catch_warnings():  # restores showwarning on the way out
@@ -174,11 +183,23 @@ def run_with_display(loop: LoopBase, options: RunOptions, *, debug: bool) -> int
         display.close()
         engine_log.removeHandler(handler)
         engine_log.setLevel(old_level)
-    return _report(loop, ended, display.steps_done, time.monotonic() - started, debug=debug)
+    spent_before = (before.cost, before.tokens) if before is not None else (0.0, 0)
+    return _report(
+        loop, ended, display.steps_done, time.monotonic() - started, spent_before, debug=debug
+    )
 
 
-def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, debug: bool) -> int:
-    """The end-of-run lines: how it ended, where the session is, what to type next.
+def _report(
+    loop: LoopBase,
+    ended: _Ended,
+    steps_done: int,
+    seconds: float,
+    spent_before: tuple[float, int],
+    *,
+    debug: bool,
+) -> int:
+    """The end-of-run lines: how it ended, what it spent, where the session is, what to
+    type next.
 
     Commands to resume or inspect are given only when a snapshot was saved: without one
     there is nothing they could read.
@@ -209,6 +230,7 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
             f"the session in {shown(trace)} keeps every completed step "
             f"({plural(saved, 'snapshot')})."
         )
+        _spent(loop, None, spent_before)
         click.echo(f"resume with: {resume}")
         _still_open(loop)
         return EXIT_STATUS.get(signum, 1)
@@ -227,6 +249,7 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
     summary = ended.summary
     assert summary is not None
     click.echo(f"finished: {summary} in {format_seconds(seconds)}")
+    _spent(loop, (summary.cost, summary.tokens), spent_before)
     if not saved:
         click.echo(f"nothing ran: {nothing}." if not steps_done else f"{nothing}.")
         return 0
@@ -235,7 +258,15 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
         click.echo(f"best: {best}")
     click.echo(f"session: {shown(trace)} ({plural(saved, 'snapshot')})")
     unfinished = loop.get_unfinished_loop_cnt(loop.loop_idx)
-    if unfinished or summary.reason in ("step_n", "all_duration"):
+    if summary.reason == "all_cost":
+        spending = spending_of(loop)
+        more = more_budget(spending.limit, spending.cost) if spending else None
+        click.echo(
+            "the cost budget is spent; resume with a larger one (--cost caps the session's "
+            f"total, what it spent so far included): {resume} --cost {more or 'AMOUNT'}"
+        )
+        _still_open(loop)
+    elif unfinished or summary.reason in ("step_n", "all_duration"):
         click.echo(f"resume with: {resume}")
         _still_open(loop)
     else:
@@ -245,6 +276,37 @@ def _report(loop: LoopBase, ended: _Ended, steps_done: int, seconds: float, *, d
         f"chart: {prog()} timeline {shown(trace)} -o timeline.svg"
     )
     return 0
+
+
+def _spent(
+    loop: LoopBase, this_run: tuple[float, int] | None, spent_before: tuple[float, int]
+) -> None:
+    """What this run spent, the session's total and the budget left; nothing when no step
+    ever charged and no budget is set. ``this_run``: the run's summary's, when it ended."""
+    spending = spending_of(loop)
+    if spending is None:
+        return
+    if this_run is None:  # stopped before its summary: what the session's total grew by
+        this_run = (
+            max(0.0, spending.cost - spent_before[0]),
+            max(0, spending.tokens - spent_before[1]),
+        )
+    if not (any(this_run) or spending.cost or spending.tokens or spending.left is not None):
+        return
+    click.echo(
+        f"spent: {format_cost(this_run[0])} ({this_run[1]:,} tokens) in this run; the "
+        f"session's total {format_spent(spending.cost, spending.tokens, spending.limit)}"
+    )
+
+
+def more_budget(limit: float | None, spent: float) -> str | None:
+    """A ``--cost`` to suggest once ``limit`` is spent: about twice the budget (and more
+    than what was spent), rounded up to two significant digits; None when both are 0."""
+    amount = max(2 * (limit or 0.0), 2 * spent)
+    if not math.isfinite(amount) or amount <= 0:
+        return None
+    unit = 10.0 ** (math.floor(math.log10(amount)) - 1)
+    return f"{math.ceil(round(amount / unit, 9)) * unit:g}"
 
 
 def _still_open(loop: LoopBase) -> None:

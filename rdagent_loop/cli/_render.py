@@ -1,5 +1,6 @@
 """What ``inspect`` and ``timeline`` draw: the loops x steps table (with the steps in
-progress: what they memoized, what they ask), and the chart as a PNG.
+progress: what they memoized, what they ask; and what each loop's steps charged, with the
+session's spending against its budget), and the chart as a PNG.
 
 The SVG itself comes from :mod:`rdagent_loop._timeline`; a PNG is that SVG rendered by a
 headless Chromium, so no imaging library is needed.
@@ -20,7 +21,7 @@ import click
 
 from .._inspect import JournalRow, SessionReport, summarize
 from .._results import Question
-from .._timeline import format_seconds
+from .._timeline import format_cost, format_seconds, format_spent
 from ._messages import CliError, plural, prog, shown
 
 _payload_repr = reprlib.Repr()
@@ -94,7 +95,8 @@ def short_payload(payload: Any) -> str:
 
 
 def render_table(report: SessionReport, width: int) -> list[str]:
-    """The loops x steps table of ``inspect``: plain text, styled when shown on a terminal."""
+    """The loops x steps table of ``inspect``: plain text, styled when shown on a terminal.
+    A ``cost`` column (each loop's completed steps) only when some step charged."""
     lines: list[str] = []
     loops = report.loops
     finished = sum(1 for r in loops if r.status == "finished")
@@ -108,10 +110,19 @@ def render_table(report: SessionReport, width: int) -> list[str]:
     totals = journal_totals(report)
     if totals:
         header += " · " + totals
+    costly = any(row.cost or row.tokens for row in loops)
+    if costly:
+        header += f" · cost {format_cost(report.cost)} ({report.tokens:,} tokens)"
     lines.append(header)
     if report.loaded_from:
         left = report.time_left
         extra = f"; time left {format_seconds(left.total_seconds())}" if left is not None else ""
+        spending = report.spending
+        if spending is not None and (spending.cost or spending.tokens or spending.left is not None):
+            # every charge of every run: failed, cancelled and withdrawn steps' too
+            extra += "; the session spent " + format_spent(
+                spending.cost, spending.tokens, spending.limit
+            )
         lines.append(f"state from snapshot {report.loaded_from}{extra}")
     if report.problem:
         lines.append(click.style(f"cannot load the state: {report.problem}", fg="red"))
@@ -128,12 +139,16 @@ def render_table(report: SessionReport, width: int) -> list[str]:
         max([len(name)] + [len(c[i][0]) for c in cells if i < len(c)])
         for i, name in enumerate(report.steps)
     ]
-    fixed = 6 + 12 + sum(w + 2 for w in widths) + 9
+    costs = [format_cost(row.cost) for row in loops] if costly else []
+    cost_w = max([4, *map(len, costs)]) if costly else 0
+    fixed = 6 + 12 + sum(w + 2 for w in widths) + 9 + (cost_w + 2 if costly else 0)
     result_w = max(12, width - fixed)
     head = (
         f"{'loop':>4}  {'status':<10}  "
         + "".join(f"{name:<{w}}  " for name, w in zip(report.steps, widths, strict=False))
-        + f"{'time':>7}  result"
+        + f"{'time':>7}  "
+        + (f"{'cost':>{cost_w}}  " if costly else "")
+        + "result"
     )
     lines.append(click.style(head, bold=True))
     for row, row_cells in zip(loops, cells, strict=False):
@@ -145,9 +160,10 @@ def render_table(report: SessionReport, width: int) -> list[str]:
         result = f"{errors[-1].step_name}: {errors[-1].error}" if errors else row.result
         if len(result) > result_w:
             result = result[: result_w - 1] + "…"
-        line += f"{format_seconds(row.busy):>7}  " + (
-            click.style(result, fg="red") if errors else result
-        )
+        line += f"{format_seconds(row.busy):>7}  "
+        if costly:
+            line += f"{format_cost(row.cost):>{cost_w}}  "
+        line += click.style(result, fg="red") if errors else result
         lines.append(line)
     questions = report.questions
     if questions:

@@ -2,12 +2,15 @@
 
 Either way the loop gets the command line's settings (``--parallel``, ``--trace-path``, no
 progress bar of its own: the live display replaces it), the session gets its meta file (so
-``resume`` and ``inspect`` know the class), and the user gets a line on what will run.
+``resume`` and ``inspect`` know the class), and the user gets a line on what will run. A
+resumed session's cost budget that is spent already stops the resume before it starts:
+``--cost`` caps the session's total, so only a larger one lets it go on.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import shlex
 import sys
 from collections.abc import Callable
@@ -25,11 +28,12 @@ from .._inspect import (
     newest_snapshot,
     read_meta,
     session_paths,
+    spending_of,
     write_meta,
 )
 from .._session import qualified_name
-from .._timeline import format_seconds
-from ._driver import RunOptions, run_with_display
+from .._timeline import format_cost, format_seconds, format_spent
+from ._driver import RunOptions, more_budget, run_with_display
 from ._messages import CliError, error_line, plural, prog, shown
 
 
@@ -91,9 +95,14 @@ def start(
         command=" ".join(shlex.quote(a) for a in sys.argv),
     )
     what = plural(options.loop_n, "loop") if options.loop_n is not None else "loops until stopped"
+    budget = (
+        f", a cost budget of {format_cost(options.cost)}"
+        if options.cost is not None and not math.isinf(options.cost)
+        else ""
+    )
     click.echo(
         f"running {class_name}: {what}, {loop.settings.max_parallel} in parallel, on "
-        f"{options.backend}; session in {shown(trace)}"
+        f"{options.backend}{budget}; session in {shown(trace)}"
     )
     return run_with_display(loop, options, debug=debug)
 
@@ -147,12 +156,33 @@ def resume(
         f"loop {li} at {loop.steps[loop.step_idx.get(li, 0)]}" for li in unfinished[:4]
     )
     nexts += ", …" if len(unfinished) > 4 else ""
+    spending = spending_of(loop)
+    limit = options.cost if options.cost is not None or spending is None else spending.limit
+    spent = ""
+    if spending is not None and (spending.cost or spending.tokens or limit is not None):
+        spent = f"; spent {format_spent(spending.cost, spending.tokens, limit)}"
     click.echo(
         f"  {plural(loop.loop_idx - len(unfinished), 'loop')} finished, "
         f"{len(unfinished)} unfinished"
         + (f" ({nexts})" if unfinished else "")
         + (f"; time left {format_seconds(remain.total_seconds())}" if remain is not None else "")
+        + spent
     )
+    if spending is not None and limit is not None and spending.cost >= limit:
+        # the run would stop before its first step: say why, and what would let it go on
+        more = more_budget(limit, spending.cost) or "AMOUNT"
+        again = f"{prog()} resume {shown(trace)} --cost {more}"
+        if options.cost is not None:
+            raise CliError(
+                f"--cost {options.cost:g} is not more than the {format_cost(spending.cost)} "
+                "the session has spent: --cost caps the session's total, what it spent so "
+                f"far included; pass more, as in `{again}`"
+            )
+        click.echo(
+            f"  the session's cost budget of {format_cost(limit)} is spent "
+            f"({format_cost(spending.cost)}): pass a larger one to go on, as in `{again}`"
+        )
+        return 0
     # the budgets the engine will run with: the saved ones, or the command line's
     step_n, loop_n = carry_budgets(loop, step_n=options.step_n, loop_n=options.loop_n)
     if not unfinished and step_n is None and not loop_n:

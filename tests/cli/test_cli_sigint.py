@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -55,8 +56,12 @@ def test_ctrl_c_leaves_a_resumable_session(tmp_path: Path, backend: str) -> None
             proc.communicate()
     assert proc.returncode == 130, err
     lines = out.splitlines()
-    assert lines[-2].startswith("interrupted by Ctrl-C (SIGINT) after ")
-    assert "stopped cleanly; the session in t keeps every completed step" in lines[-2]
+    assert lines[-3].startswith("interrupted by Ctrl-C (SIGINT) after ")
+    assert "stopped cleanly; the session in t keeps every completed step" in lines[-3]
+    # what the model calls cost, though the run ended without its summary
+    assert re.fullmatch(
+        r"spent: \S+ \([0-9,]+ tokens\) in this run; the session's total .*", lines[-2]
+    )
     assert lines[-1] == "resume with: python -m rdagent_loop resume t"
     assert "Traceback" not in err
     # the training scripts it ran in their own sessions are gone too

@@ -90,6 +90,12 @@ async def test_parallel_loops_train_real_models(tmp_path: Path) -> None:
         workspace = tmp_path / "trace" / "workspace" / f"loop_{li}"
         scores = json.loads((workspace / "scores.json").read_text())
         assert scores["rmse"] == pytest.approx(loop.loop_prev_out[li]["running"].rmse)
+    # the model calls are charged (two in direct_exp_gen, the script in coding), nothing else
+    assert {r.step_name for r in results if r.cost} == {"direct_exp_gen", "coding"}
+    assert all(r.cost > 0 and r.tokens > 0 for r in results if r.step_name == "coding")
+    assert loop.spending.cost == pytest.approx(sum(r.cost for r in results))
+    assert loop.spending.cost > 0
+    assert loop.spending.tokens == sum(r.tokens for r in results)
 
 
 async def test_code_that_does_not_compile_skips_to_record(tmp_path: Path) -> None:
@@ -183,6 +189,13 @@ async def test_a_resume_replays_the_model_calls_a_stopped_step_made(tmp_path: Pa
     paid = [(c["call"], c["loop"]) for c in llm_calls(trace)]
     assert paid[4:] == [("critique", 1), ("code", 1)]  # loop 1's proposal: paid for once
     assert [run.statistics().memo_replayed for run in runs] == [1]
+    # and charged once: the session spent what two loops that never stopped spend
+    reference = DataScienceLoop(
+        make_settings(tmp_path / "reference"), bad_proposal_rate=0, bug_rate=0, llm_latency=0
+    )
+    await collect(reference, loop_n=2)
+    assert resumed.spending.tokens == reference.spending.tokens > 0
+    assert resumed.spending.cost == pytest.approx(reference.spending.cost)
     assert resume_report(runs) == [
         "the resume replayed 1 model call from the journal instead of paying for it again; "
         "2 new model calls made"

@@ -16,6 +16,7 @@ from examples.quant_factor import (
     FactorLoop,
     FactorRecord,
     FactorRejectedError,
+    model_bill,
     model_calls,
     read_review,
 )
@@ -50,6 +51,21 @@ async def test_mines_factors_and_keeps_the_best(tmp_path: Path) -> None:
     assert loop.best.result.ic == max(r.result.ic for r in loop.library if r.result)
     factor = tmp_path / "trace" / "workspace" / f"loop_{loop.best.loop_idx}" / "factor.py"
     assert loop.best.expression in factor.read_text()
+    # every model call is charged: the step that made it, the run and the session
+    summary = results.summary
+    assert summary.cost > 0 and summary.tokens > 0
+    assert summary.cost == pytest.approx(sum(r.cost for r in seen))
+    assert summary.tokens == sum(r.tokens for r in seen)
+    assert (loop.spending.cost, loop.spending.tokens) == (summary.cost, summary.tokens)
+    assert {r.step_name for r in seen if r.cost} == {"propose", "coding"}
+    assert all(r.tokens > 0 for r in seen if r.step_name in ("propose", "coding"))
+
+
+def test_a_model_call_costs_what_its_tokens_cost() -> None:
+    cost, tokens = model_bill((0, None, set()), "short answer")
+    assert 1000 < tokens < 1100 and cost == pytest.approx((tokens - 123) * 3e-6 + 123 * 15e-6)
+    longer, more = model_bill((0, None, {"x" * 4000}), "short answer")
+    assert more > tokens + 990 and longer > cost  # the prompt grows with the factors tried
 
 
 async def test_a_bad_factor_skips_to_feedback(tmp_path: Path) -> None:
@@ -210,9 +226,9 @@ async def _stop_at_the_question_of_loop_1(loop: FactorLoop, stop: str) -> Questi
     return asked
 
 
-async def _resume_answering(loop: FactorLoop, first: Question) -> tuple[Any, Any]:
+async def _resume_answering(loop: FactorLoop, first: Question) -> tuple[Any, Any, FactorLoop]:
     """Resume ``loop``'s session (the loop itself, if it saves none) and approve everything;
-    the summary and statistics."""
+    the summary and statistics, and the loop resumed."""
     resumed = FactorLoop.load(loop.session_folder) if loop.settings.save_snapshots else loop
     run = resumed.run()  # the budget the session saved: 3 loops
     asked = []
@@ -224,11 +240,20 @@ async def _resume_answering(loop: FactorLoop, first: Question) -> tuple[Any, Any
     assert asked[0] == first  # open again, the same question (its id too)
     assert [q.loop_idx for q in asked] == [1, 2]
     assert [r.loop_idx for r in resumed.library] == [0, 1, 2]
-    return results.summary, run.statistics()
+    return results.summary, run.statistics(), resumed
 
 
 # the calls of a run of 3 loops that never stops (test_without_ask_nothing_is_asked, too)
 PAID = [(call, li) for call in ("implement", "propose") for li in range(3)]
+
+
+async def _spending_of_a_run_that_never_stops(tmp_path: Path) -> tuple[float, int]:
+    loop = asking_loop(tmp_path, name="reference")
+    async with loop.run(loop_n=3) as results:
+        async for item in results:
+            if isinstance(item, Question):
+                results.answer(item.id, True)
+    return loop.spending.cost, loop.spending.tokens
 
 
 async def _check_stop_and_resume(tmp_path: Path, stop: str, **options: Any) -> None:
@@ -238,11 +263,15 @@ async def _check_stop_and_resume(tmp_path: Path, stop: str, **options: Any) -> N
     assert loop.step_idx.get(1, 0) == 0  # loop 1's propose did not complete
     assert [(c["call"], c["loop"]) for c in model_calls(tmp_path / "trace")][-1] == ("propose", 1)
 
-    summary, stats = await _resume_answering(loop, first)
+    summary, stats, resumed = await _resume_answering(loop, first)
     # the same calls as the run that never stopped: loop 1's proposal was not paid twice
     assert sorted((c["call"], c["loop"]) for c in model_calls(tmp_path / "trace")) == paid
     assert summary.replayed == 1 and stats.memo_replayed == 1
     assert stats.memo_recorded == 3  # loop 1's implement, loop 2's propose and implement
+    # nor charged twice: the session spent what the run that never stopped spends
+    cost, tokens = await _spending_of_a_run_that_never_stops(tmp_path)
+    assert resumed.spending.tokens == tokens
+    assert resumed.spending.cost == pytest.approx(cost)
 
 
 async def test_a_run_that_never_stops_pays_for_each_call_once(tmp_path: Path) -> None:

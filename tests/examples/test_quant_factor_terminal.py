@@ -175,3 +175,25 @@ def test_ask_at_the_terminal_and_from_another_shell(tmp_path: Path) -> None:
     loop = FactorLoop.load(tmp_path / "t")
     assert [(r.loop_idx, r.rejected) for r in loop.library] == [(0, False), (1, False), (2, True)]
     assert loop.library[1].expression == "ts_sum(ret, 5)"
+
+
+def test_a_cost_budget_stops_the_example_and_a_larger_one_resumes_it(tmp_path: Path) -> None:
+    """``--cost``: the session's model calls may cost this much, resumes included."""
+    command = ("-m", "examples.quant_factor", "--loop-n", "10", "--llm-latency", "0")
+    with _command(*command, "--cost", "0.02", "--trace-path", "t", cwd=tmp_path) as proc:
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "; stopped by all_cost" in out
+    spent = re.search(r"^the model calls of the session cost \$([0-9.]+) of \$0\.02$", out, re.M)
+    assert spent is not None and float(spent.group(1)) >= 0.02, out
+    resume = re.search(r"^resume with: .* --resume --trace-path t --cost ([0-9.]+)$", out, re.M)
+    assert resume is not None and float(resume.group(1)) > float(spent.group(1)), out
+
+    with _command(
+        *command, "--resume", "--cost", resume.group(1), "--trace-path", "t", cwd=tmp_path
+    ) as proc:
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    total = re.search(r"^the model calls of the session cost \$([0-9.]+) of \$", out, re.M)
+    assert total is not None and float(total.group(1)) > float(spent.group(1)), out
+    assert FactorLoop.load(tmp_path / "t").spending.limit == float(resume.group(1))
