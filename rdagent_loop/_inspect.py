@@ -471,8 +471,12 @@ def build_report(
     if loop is not None:
         known = set(range(loop.loop_idx)) | set(loop.loop_trace) | set(loop.step_idx)
     saved = {i.loop_idx for i in snapshots}
+    where = {name: i for i, name in enumerate(steps)}  # by name: the steps may have changed
     for li in sorted(known | saved | set(journal)):
-        traces = {t.step_idx: t for t in (loop.loop_trace.get(li, []) if loop else [])}
+        traces = {
+            where.get(t.step_name, t.step_idx): t
+            for t in (loop.loop_trace.get(li, []) if loop else [])
+        }
         in_state = loop is not None and li in known
         at = loop.step_idx.get(li, 0) if loop is not None and in_state else 0
         outputs = loop.loop_prev_out.get(li, {}) if loop is not None and in_state else {}

@@ -33,6 +33,7 @@ import anyio
 import pytest
 
 from rdagent_loop import LoopBase, LoopSettings, SnapshotError
+from rdagent_loop._inspect import read_session
 from rdagent_loop._session._format import encode_tail, read_manifest
 
 pytestmark = pytest.mark.anyio
@@ -221,6 +222,14 @@ async def test_a_loop_continues_at_its_step_when_a_step_is_inserted_before_it(
     assert loop.step_idx[17] == 2  # "coding", not "lint", though its index moved
     assert all(loop.step_idx[li] == 4 for li in range(17))  # finished, and still finished
     assert loop.get_unfinished_loop_cnt(loop.loop_idx) == 1
+    # inspect puts each finished step under its name, not its old position
+    report, _ = read_session(settings.trace_path, f"{MODULE}:Evolving")
+    assert [(s.step_name, s.status) for s in report.loops[0].steps] == [
+        ("propose", "done"),
+        ("lint", "skipped"),
+        ("coding", "done"),
+        ("running", "done"),
+    ]
     mark = len(loop.ran)  # type: ignore[attr-defined]
     await loop.run(loop_n=2)
     assert ran(loop, mark) == [
