@@ -219,12 +219,7 @@ class SnapshotWriter:
 
         Cancelling it cancels only the wait, not the writing.
         """
-        target = self._submitted
-        while self._done < target and self._error is None:
-            await self._changed.wait()
-        error = self.take_error()
-        if error is not None:
-            raise error
+        await self.wait_written(self._submitted)
 
     def statistics(self) -> WriterStatistics:
         process = self._process
